@@ -1,0 +1,1 @@
+"""The kachery-node runtime and client."""

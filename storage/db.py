@@ -1,0 +1,89 @@
+"""Opening the node's database: engine, SQLite pragmas, and migrations on open.
+
+SQLite (WAL, ``synchronous=NORMAL``: a committed transaction survives the process being killed)
+is the embedded default; any SQLAlchemy URL can be given, so an always-on lab node can use
+PostgreSQL. Calls are synchronous: node/ runs them in worker threads.
+Non-goal: an ORM. Queries are SQLAlchemy Core, written where they are used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy
+from sqlalchemy import Connection, Engine, event, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from . import schema
+from .errors import DatabaseError
+
+BUSY_TIMEOUT_MS = 30_000
+"""How long a writer waits for another process (the CLI beside the daemon) to finish writing."""
+
+
+def sqlite_url(path: Path) -> str:
+    """The SQLAlchemy URL of an SQLite database file."""
+    return f"sqlite:///{path}"
+
+
+class Database:
+    """The node's database: an engine whose schema is migrated to the current version on open.
+
+    Args:
+        url: an SQLAlchemy URL (``sqlite:///<home>/kachery.db`` by default).
+
+    Raises:
+        DatabaseError: the database cannot be opened, or was written by a newer kachery-node.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            self.engine: Engine = sqlalchemy.create_engine(url)
+            if self.engine.dialect.name == "sqlite":
+                event.listen(self.engine, "connect", _sqlite_pragmas)
+            with self.engine.begin() as conn:
+                self._migrate(conn)
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"cannot open database {url}: {exc}") from exc
+
+    @staticmethod
+    def _migrate(conn: Connection) -> None:
+        schema.schema_version.create(conn, checkfirst=True)
+        row = conn.execute(select(schema.schema_version.c.version)).first()
+        current = 0 if row is None else int(row.version)
+        if current > schema.SCHEMA_VERSION:
+            raise DatabaseError(
+                f"the database has schema version {current}, but this kachery-node knows only up "
+                f"to {schema.SCHEMA_VERSION}: upgrade kachery-node"
+            )
+        for version in range(current, schema.SCHEMA_VERSION):
+            schema.MIGRATIONS[version](conn)
+        if row is None:
+            conn.execute(schema.schema_version.insert().values(version=schema.SCHEMA_VERSION))
+        elif current != schema.SCHEMA_VERSION:
+            conn.execute(schema.schema_version.update().values(version=schema.SCHEMA_VERSION))
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A connection inside a transaction, committed on success; errors become DatabaseError."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"database error: {exc}") from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

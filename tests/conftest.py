@@ -1,0 +1,37 @@
+"""Shared fixtures: node homes in temporary directories, and kachery's reference file contents."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kachery.node.home import HOME_ENV, NodeHome
+
+VECTORS_DIR = Path(__file__).parent / "vectors"
+
+
+def load_vectors(name: str) -> Any:
+    return json.loads((VECTORS_DIR / name).read_text(encoding="utf-8"))
+
+
+@functools.lru_cache(maxsize=8)
+def pattern_bytes(size: int) -> bytes:
+    """kachery's reference contents: byte i is i % 251 (see vectors/kachery-client-1.2.0.json)."""
+    block = bytes(range(251))
+    return (block * (size // 251 + 1))[:size]
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NodeHome]:
+    """An initialized node home in a temporary directory, also set as $KACHERY_NODE_HOME."""
+    path = tmp_path / "home"
+    monkeypatch.setenv(HOME_ENV, str(path))
+    node_home, created = NodeHome.init(path)
+    assert created
+    yield node_home
+    node_home.close()

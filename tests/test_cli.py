@@ -1,0 +1,196 @@
+"""The command line, run as a user runs it: the real console script in a subprocess."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import pattern_bytes
+
+EXE = str(Path(sys.executable).with_name("kachery-node"))
+
+
+def kn(
+    home: Path, *args: str, stdin: bytes | None = None, check: bool = True
+) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "KACHERY_NODE_HOME": str(home)}
+    proc = subprocess.run([EXE, *args], input=stdin, capture_output=True, env=env, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kachery-node {args} failed: {proc.stderr.decode()}")
+    return proc
+
+
+@pytest.fixture
+def khome(tmp_path: Path) -> Path:
+    home = tmp_path / "home"
+    kn(home, "init")
+    return home
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[bytes], *fragments: str) -> None:
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert err.startswith("kachery-node: error: "), err
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err
+
+
+def test_init_creates_a_private_key_and_is_idempotent(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    first = kn(home, "init")
+    node_id = first.stdout.decode().strip()
+    assert len(node_id) == 64
+    assert stat.S_IMODE((home / "node-key").stat().st_mode) == 0o600
+    assert (home / "kachery-node-id").read_text().strip() == node_id
+    again = kn(home, "init")
+    assert again.stdout.decode().strip() == node_id
+    assert "already existed" in again.stderr.decode()
+    info = json.loads(kn(home, "info", "--json").stdout)
+    assert info["nodeId"] == node_id
+    assert info["files"] == 0
+
+
+def test_store_prints_the_uri_alone_and_load_and_cat_give_the_bytes_back(
+    khome: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "notes.txt"
+    data = b"spike times\n" * 1000
+    src.write_bytes(data)
+    uri = kn(khome, "store", str(src)).stdout.decode()
+    assert uri == f"sha1://{hashlib.sha1(data).hexdigest()}/notes.txt\n"
+    uri = uri.strip()
+    assert kn(khome, "cat", uri).stdout == data
+    assert kn(khome, "cat", uri, "--start", "12", "--end", "23").stdout == data[12:23]
+    out = tmp_path / "out.txt"
+    assert kn(khome, "load", uri, "-o", str(out)).stdout.decode().strip() == str(out)
+    assert out.read_bytes() == data
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    kn(khome, "load", uri, "-o", str(outdir))
+    assert (outdir / "notes.txt").read_bytes() == data
+    local = Path(kn(khome, "load", uri).stdout.decode().strip())
+    assert local.read_bytes() == data
+    listing = [json.loads(line) for line in kn(khome, "ls", "--json").stdout.splitlines()]
+    assert [item["size"] for item in listing] == [len(data)]
+
+
+def test_store_reads_stdin_and_prints_json_lines(khome: Path) -> None:
+    proc = kn(khome, "store", "--json", "-", stdin=b"from stdin")
+    record = json.loads(proc.stdout)
+    assert record["uri"] == f"sha1://{hashlib.sha1(b'from stdin').hexdigest()}"
+    assert record["size"] == 10
+
+
+def test_chunk_uris_read_only_their_range(khome: Path, tmp_path: Path) -> None:
+    data = pattern_bytes(20_000_001)
+    src = tmp_path / "big.bin"
+    src.write_bytes(data)
+    uri = kn(khome, "store", str(src)).stdout.decode().strip()
+    file_sha1 = hashlib.sha1(data).hexdigest()
+    tail_sha1 = hashlib.sha1(data[20_000_000:]).hexdigest()
+    chunk = f"sha1://{tail_sha1}?chunkOf={file_sha1}~20000000~20000001"
+    assert kn(khome, "cat", chunk).stdout == data[20_000_000:]
+    out = tmp_path / "chunk.bin"
+    kn(khome, "load", chunk, "-o", str(out))
+    assert out.read_bytes() == data[20_000_000:]
+    assert kn(khome, "cat", uri, "--start", "19999999", "--end", "20000001").stdout == data[-2:]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (("store", "/nonexistent/file"), ["no such file"]),
+        (("cat", "sha1://nothex"), ["invalid URI", "expected sha1://<40 hex digits>"]),
+        (("load", "sha1://" + "0" * 40), ["is not stored on this node"]),
+        (("cat", "sha1://" + "0" * 40, "--start", "5"), ["is not stored on this node"]),
+        (("mutable", "delete", "nokey"), ["has no value"]),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_code_1(
+    khome: Path, args: tuple[str, ...], fragments: list[str]
+) -> None:
+    assert_one_line_error(kn(khome, *args, check=False), *fragments)
+
+
+def test_a_directory_is_refused(khome: Path, tmp_path: Path) -> None:
+    assert_one_line_error(kn(khome, "store", str(tmp_path), check=False), "is a directory")
+
+
+def test_a_range_outside_the_file_is_refused(khome: Path) -> None:
+    uri = kn(khome, "store", "-", stdin=b"12345").stdout.decode().strip()
+    assert_one_line_error(kn(khome, "cat", uri, "--end", "9", check=False), "outside 0..5")
+
+
+def test_commands_before_init_say_to_run_init(tmp_path: Path) -> None:
+    assert_one_line_error(kn(tmp_path / "none", "info", check=False), "kachery-node init")
+
+
+def test_usage_mistakes_exit_2_with_help(khome: Path) -> None:
+    proc = kn(khome, "store", check=False)
+    assert proc.returncode == 2
+    assert b"usage:" in proc.stderr
+
+
+def test_mutables_from_the_command_line(khome: Path) -> None:
+    kn(khome, "mutable", "set", "alias", "sha1://" + "1" * 40)
+    kn(khome, "mutable", "set", '{"run": 3}', '{"ok": true}')
+    assert json.loads(kn(khome, "mutable", "get", "alias").stdout) == "sha1://" + "1" * 40
+    assert json.loads(kn(khome, "mutable", "get", '{"run":3}').stdout) == {"ok": True}
+    proc = kn(khome, "mutable", "set", "alias", "x", "--no-update", check=False)
+    assert_one_line_error(proc, "already has a value")
+    assert json.loads(kn(khome, "mutable", "get", "missing").stdout) is None
+
+
+def test_verify_reports_corruption_with_a_nonzero_exit(khome: Path) -> None:
+    uri = kn(khome, "store", "-", stdin=b"precious").stdout.decode().strip()
+    assert b"1 files checked, 0 corrupt" in kn(khome, "verify").stdout
+    path = Path(kn(khome, "load", uri).stdout.decode().strip())
+    path.write_bytes(b"precioux")
+    proc = kn(khome, "verify", check=False)
+    assert proc.returncode == 1
+    assert b"CORRUPT" in proc.stdout
+    assert kn(khome, "verify", "--remove").returncode == 0
+    assert b"0 files checked" in kn(khome, "verify").stdout
+
+
+@pytest.mark.slow
+def test_kill_9_while_storing_1_gib_leaves_no_partial_blob_and_no_row(
+    khome: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "one-gib.bin"
+    block = os.urandom(1 << 20)
+    with open(src, "wb") as f:
+        for _ in range(1024):
+            f.write(block)
+    env = {**os.environ, "KACHERY_NODE_HOME": str(khome)}
+    proc = subprocess.Popen([EXE, "store", str(src)], env=env, stdout=subprocess.DEVNULL)
+    tmp_dir = khome / "store" / "tmp"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until the store is well under way
+        parts = list(tmp_dir.glob("*.part"))
+        if parts and parts[0].stat().st_size > 300 << 20:
+            break
+        time.sleep(0.01)
+    else:
+        raise AssertionError("the store never got going")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads(kn(khome, "info", "--json").stdout)["files"] == 0
+    assert not list((khome / "store" / "sha1").rglob("*"))
+    # The next store cleans the leftover and succeeds.
+    uri = kn(khome, "store", str(src)).stdout.decode().strip()
+    kn(khome, "init")  # start-up cleaning of leftovers
+    assert list(tmp_dir.iterdir()) == []
+    assert uri.startswith("sha1://")
+    assert json.loads(kn(khome, "info", "--json").stdout)["files"] == 2  # file + manifest

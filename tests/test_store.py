@@ -1,0 +1,252 @@
+"""The blob store and file index: stored once, verified before visible, nothing partial kept."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from kachery.node.home import NodeHome
+from kachery.protocol import parse_file_uri
+from kachery.storage import (
+    AlreadyExists,
+    Database,
+    DatabaseError,
+    NotFound,
+    SourceChanged,
+    SourceUnreadable,
+    StoreFull,
+    schema,
+)
+from kachery.storage.blobstore import _TempFile
+
+from .conftest import pattern_bytes
+
+
+def rows(home: NodeHome) -> list[str]:
+    with home.database.begin() as conn:
+        return [r.sha1 for r in conn.execute(select(schema.files.c.sha1))]
+
+
+def blobs_on_disk(home: NodeHome) -> list[str]:
+    return sorted(home.files.blobs.iter_blobs())
+
+
+def temp_files(home: NodeHome) -> list[Path]:
+    return list(home.files.blobs.tmp_dir.iterdir())
+
+
+def test_store_puts_the_blob_at_kacherys_path_once(home: NodeHome, tmp_path: Path) -> None:
+    src = tmp_path / "a.txt"
+    src.write_bytes(b"hello kachery")
+    sha1 = hashlib.sha1(b"hello kachery").hexdigest()
+    entry = home.files.store_path(src)
+    assert entry.sha1 == sha1
+    assert entry.path == home.path / "store" / "sha1" / sha1[:2] / sha1[2:4] / sha1[4:6] / sha1
+    assert entry.path.read_bytes() == b"hello kachery"
+    again = home.files.store_path(src)
+    assert again.sha1 == sha1
+    assert blobs_on_disk(home) == [sha1]
+    assert rows(home) == [sha1]
+    assert temp_files(home) == []
+
+
+def test_a_large_file_stores_its_manifest_as_a_blob_and_no_chunk_copies(
+    home: NodeHome, tmp_path: Path
+) -> None:
+    data = pattern_bytes(45_000_000)
+    src = tmp_path / "big.bin"
+    src.write_bytes(data)
+    entry = home.files.store_path(src)
+    manifest = home.files.manifest(entry)
+    assert manifest is not None
+    assert [c.size for c in manifest.chunks] == [20_000_000, 20_000_000, 5_000_000]
+    # Two blobs: the file and its manifest. Chunks are byte ranges, never copies.
+    assert blobs_on_disk(home) == sorted([entry.sha1, manifest.manifest_sha1])
+    chunk = manifest.chunks[1]
+    assert home.files.read_range(entry, chunk.start, chunk.end) == data[chunk.start : chunk.end]
+
+
+def test_store_from_a_stream_of_unknown_length(home: NodeHome) -> None:
+    data = pattern_bytes(20_000_001)
+    entry = home.files.store_stream(io.BytesIO(data))
+    assert str(entry.uri()) == (
+        "sha1://445bc771805d84a7dcffffaede1b8faeb516d9ca?manifest=a0d7e88b8b467db6af0a91ce4964514c000f04a5"
+    )
+
+
+@pytest.mark.parametrize("make", ["missing", "directory"])
+def test_unreadable_sources_are_refused_clearly(home: NodeHome, tmp_path: Path, make: str) -> None:
+    path = tmp_path / "x"
+    if make == "directory":
+        path.mkdir()
+    with pytest.raises(
+        SourceUnreadable, match="no such file" if make == "missing" else "directory"
+    ):
+        home.files.store_path(path)
+    assert rows(home) == []
+
+
+def test_a_full_disk_leaves_nothing_and_the_next_store_works(
+    home: NodeHome, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "f.bin"
+    src.write_bytes(pattern_bytes(10_000_000))
+    real_write = os.write
+    calls = {"n": 0}
+
+    def failing_write(fd: int, data: bytes | memoryview) -> int:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", failing_write)
+    with pytest.raises(StoreFull, match="no space left"):
+        home.files.store_path(src)
+    monkeypatch.setattr(os, "write", real_write)
+    assert temp_files(home) == []
+    assert blobs_on_disk(home) == []
+    assert rows(home) == []
+    entry = home.files.store_path(src)
+    assert entry.path.read_bytes() == src.read_bytes()
+
+
+def test_a_source_that_fails_midway_leaves_nothing(home: NodeHome) -> None:
+    class Broken(io.RawIOBase):
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: object) -> int:
+            self.reads += 1
+            if self.reads > 2:
+                raise OSError(errno.EIO, "Input/output error")
+            view = memoryview(buffer)  # type: ignore[arg-type]
+            view[:1000] = b"x" * 1000
+            return 1000
+
+    with pytest.raises(SourceUnreadable, match="Input/output error"):
+        home.files.store_stream(Broken())  # type: ignore[arg-type]
+    assert (temp_files(home), blobs_on_disk(home), rows(home)) == ([], [], [])
+
+
+def test_a_source_that_grows_while_stored_is_refused(home: NodeHome, tmp_path: Path) -> None:
+    path = tmp_path / "grow.bin"
+    path.write_bytes(b"a" * 100)
+    with (
+        pytest.raises(SourceChanged, match="changed while it was read"),
+        open(path, "rb") as source,
+    ):
+        home.files.blobs.ingest(source, expected_size=50)
+    assert temp_files(home) == []
+
+
+def test_clean_temp_removes_only_files_whose_writer_died(home: NodeHome) -> None:
+    blobs = home.files.blobs
+    leftover = blobs.tmp_dir / "dead.part"
+    leftover.write_bytes(b"partial")
+    with _TempFile(blobs.tmp_dir) as live:
+        assert blobs.clean_temp() == 1
+        assert live.path.exists()
+        assert not leftover.exists()
+    assert temp_files(home) == []
+
+
+def test_link_indexes_in_place_and_a_changed_target_is_never_served(
+    home: NodeHome, tmp_path: Path
+) -> None:
+    path = tmp_path / "linked.bin"
+    path.write_bytes(b"original bytes")
+    entry = home.files.store_path(path, link=True)
+    assert entry.linked
+    assert entry.path == path.resolve()
+    assert blobs_on_disk(home) == []
+    assert home.files.get(entry.sha1) == entry
+    path.write_bytes(b"changed bytes!")  # same size, new mtime
+    os.utime(path, ns=(1, 1))
+    assert home.files.get(entry.sha1) is None
+    with pytest.raises(NotFound, match="not stored on this node"):
+        home.files.require(parse_file_uri(f"sha1://{entry.sha1}"))
+
+
+def test_a_deleted_link_target_is_absent(home: NodeHome, tmp_path: Path) -> None:
+    path = tmp_path / "gone.bin"
+    path.write_bytes(b"soon gone")
+    entry = home.files.store_path(path, link=True)
+    path.unlink()
+    assert home.files.get(entry.sha1) is None
+
+
+def test_a_stored_copy_beats_a_link(home: NodeHome, tmp_path: Path) -> None:
+    path = tmp_path / "both.bin"
+    path.write_bytes(b"both ways")
+    home.files.store_path(path, link=True)
+    stored = home.files.store_path(path)
+    assert not stored.linked
+    assert not home.files.store_path(path, link=True).linked
+
+
+def test_verify_finds_and_removes_corrupt_blobs(home: NodeHome, tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    good.write_bytes(b"good bytes")
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"bad bytes")
+    home.files.store_path(good)
+    entry = home.files.store_path(bad)
+    entry.path.chmod(0o644)
+    entry.path.write_bytes(b"bad bytez")
+    checked, problems = home.files.verify()
+    assert checked == 2
+    assert [(p.sha1, p.removed) for p in problems] == [(entry.sha1, False)]
+    assert "hash to" in problems[0].problem
+    _, problems = home.files.verify(remove=True)
+    assert problems[0].removed
+    assert home.files.get(entry.sha1) is None
+    assert not entry.path.exists()
+    assert home.files.verify() == (1, [])
+
+
+def test_mutables_have_kachery_semantics(home: NodeHome) -> None:
+    m = home.mutables
+    assert m.get("alias") is None
+    m.set("alias", "sha1://abc")
+    assert m.get("alias") == "sha1://abc"
+    m.set({"b": 2, "a": 1}, [1, {"x": None}])
+    assert m.get({"a": 1, "b": 2}) == [1, {"x": None}]
+    with pytest.raises(AlreadyExists):
+        m.set("alias", "other", update=False)
+    assert m.get("alias") == "sha1://abc"
+    m.set("alias", "other")
+    assert m.get("alias") == "other"
+    assert m.delete("alias") is True
+    assert m.delete("alias") is False
+    from kachery.protocol import InvalidInput
+
+    with pytest.raises(InvalidInput, match="not a JSON value"):
+        m.set("k", {1, 2})
+
+
+def test_the_schema_is_migrated_on_open_and_a_newer_one_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    db = Database(url)
+    with db.begin() as conn:
+        assert (
+            conn.execute(select(schema.schema_version.c.version)).scalar() == schema.SCHEMA_VERSION
+        )
+        conn.execute(schema.schema_version.update().values(version=schema.SCHEMA_VERSION + 1))
+    db.close()
+    with pytest.raises(DatabaseError, match="upgrade kachery-node"):
+        Database(url)
+
+
+def test_the_database_is_in_wal_mode(home: NodeHome) -> None:
+    with home.database.begin() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
