@@ -8,6 +8,7 @@
         ├── SourceUnreadable      the file to store is missing, a directory, or unreadable
         ├── SourceChanged         the file changed while it was being stored or served by link
         ├── CorruptData           stored bytes do not hash to their name
+        ├── InviteRefused         an invite is unknown, expired or used up (the message says which)
         └── DatabaseError         the database failed or has a schema this version cannot use
 
 SQLAlchemy and OS errors never leave storage/: they are translated into these.
@@ -47,6 +48,10 @@ class SourceChanged(StorageError):
 
 class CorruptData(StorageError):
     """Bytes in the store do not hash to the name they are stored under."""
+
+
+class InviteRefused(StorageError):
+    """An invite cannot be redeemed; the message says why (unknown, expired, used up)."""
 
 
 class DatabaseError(StorageError):

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -58,13 +59,61 @@ mutables = Table(
 )
 
 
+channels = Table(
+    "channels",
+    metadata,
+    Column("channel_id", String(64), primary_key=True),
+    # The local name a user types (``kachery-node channel members lab``); unique on this node.
+    Column("name", String(200), nullable=False, unique=True),
+    Column("joined_at", Float, nullable=False),
+)
+
+channel_docs = Table(
+    "channel_docs",
+    metadata,
+    Column("channel_id", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("signer", String(64), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("signature", LargeBinary, nullable=False),
+)
+
+invites = Table(
+    "invites",
+    metadata,
+    Column("invite_id", String(32), primary_key=True),
+    Column("channel_id", String(64), nullable=False),
+    Column("secret", LargeBinary, nullable=False),
+    Column("roles", Text, nullable=False),  # comma-separated role names
+    Column("expires_at", BigInteger, nullable=False),  # ms since the epoch; 0 = never
+    Column("uses_left", Integer, nullable=True),  # NULL = unlimited
+    Column("created_at", Float, nullable=False),
+)
+
+peers = Table(
+    "peers",
+    metadata,
+    Column("node_id", String(64), primary_key=True),
+    # The newest signed announcement (canonical CBOR of its wire form): addresses, timestamp.
+    Column("announcement", LargeBinary, nullable=True),
+    Column("announced_at", BigInteger, nullable=False),  # the announcement's timestamp, ms
+    Column("last_connected", Float, nullable=True),
+)
+
+
 def _v1_files_and_mutables(conn: Connection) -> None:
     files.create(conn)
     mutables.create(conn)
 
 
+def _v2_channels_and_peers(conn: Connection) -> None:
+    for table in (channels, channel_docs, invites, peers):
+        table.create(conn)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_files_and_mutables,
+    _v2_channels_and_peers,
 ]
 """``MIGRATIONS[i]`` moves the schema from version ``i`` to ``i + 1``."""
 
