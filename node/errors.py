@@ -2,7 +2,10 @@
 
     KacheryError
     └── NodeError               the node could not do what was asked
-        └── NotInitialized      no node home yet: run ``kachery-node init``
+        ├── NotInitialized      no node home yet: run ``kachery-node init``
+        ├── NotPermitted        a peer or the local user lacks a role (or is not a member)
+        ├── Unavailable         the network could not answer: no peer, timed out, closed
+        └── DaemonNotRunning    no daemon answers for this node home: ``kachery-node start``
 
 Errors from storage/ and protocol/ pass through unchanged: they already say what went wrong.
 """
@@ -18,3 +21,15 @@ class NodeError(KacheryError):
 
 class NotInitialized(NodeError):
     """The node home does not exist yet."""
+
+
+class NotPermitted(NodeError):
+    """A peer or the local user lacks a role in the channel (or is not a member)."""
+
+
+class Unavailable(NodeError):
+    """The network could not answer: no provider, the session closed, or a timeout."""
+
+
+class DaemonNotRunning(NodeError):
+    """No ``kachery-node`` daemon answers for this node home (no daemon.json, or refused)."""

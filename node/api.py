@@ -1,0 +1,414 @@
+"""The daemon's local API: a generic RPC over HTTP/1.1 and JSON, on 127.0.0.1 only.
+
+The daemon marks the methods it serves with ``@exposed``; ``methods_of`` collects them into the
+table (name -> bound coroutine function) that ``serve_api`` serves. Each
+``POST /api/<name>`` whose body is a JSON object calls one with those keyword arguments and
+answers ``{"result": ...}``; a streaming method answers NDJSON instead, one ``{"event": ...}``
+line per event, flushed as it happens, and a last line ``{"result": ...}`` or ``{"error": ...}``.
+Errors are ``{"error": {"type": <class name>, "message": ...}}`` with a status chosen from the
+class (``status_for``), so the client re-raises the same class. Features add methods to the
+table, never HTTP plumbing. ``GET /probe`` answers like kachery-daemon's probe and needs no
+token; every other route needs the ``KACHERY-CLIENT-AUTH-CODE`` header (``client.py`` keeps the
+token file). hypercorn's Trio worker serves the small ASGI app below on the daemon's own loop.
+
+Non-goals: remote access (loopback only, no TLS), browsers (no CORS, no HTML), and being a web
+framework: routing is one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib.metadata
+import inspect
+import json
+import logging
+import socket
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
+
+from kachery.protocol.errors import InvalidInput, KacheryError
+from kachery.storage.errors import AlreadyExists, NotFound
+
+from .client import API_HOST, AUTH_HEADER
+from .client import ensure_client_auth as ensure_client_auth  # the daemon creates the token
+from .errors import NodeError, NotPermitted, Unavailable
+
+log = logging.getLogger(__name__)
+http_log = logging.getLogger(f"{__name__}.http")
+"""hypercorn's own log (start-up, access lines): quiet unless the daemon runs verbose."""
+
+MAX_BODY_BYTES = 1024 * 1024
+"""Bytes in a request body: arguments are small (files travel by path, never through the API)."""
+
+GRACEFUL_SECONDS = 2.0
+"""Seconds in-flight calls get to finish when the daemon stops, before they are cancelled."""
+
+JSON_TYPE = b"application/json"
+NDJSON_TYPE = b"application/x-ndjson"
+
+
+_EXPOSED = "__kachery_api__"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def exposed(func: F) -> F:
+    """Mark a method of the daemon's control object as served by the API under its own name.
+
+    The method is async and takes JSON-compatible keyword arguments (the request body's keys are
+    the parameter names); it returns a JSON-compatible value whose object keys are camelCase, or
+    it is an async generator and streams (see ``StreamResult``).
+    """
+    setattr(func, _EXPOSED, True)
+    return func
+
+
+@dataclass(frozen=True, slots=True)
+class MethodSpec:
+    """One API method.
+
+    Attributes:
+        func: the bound coroutine function to call with the request's keyword arguments; for a
+            streaming method, a function returning (or a coroutine resolving to) an async
+            iterator of events.
+        streams: answer as NDJSON, one line per event.
+    """
+
+    func: Callable[..., Any]
+    streams: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StreamResult:
+    """Yield this last from a streaming method to give the call its result (default None)."""
+
+    value: Any
+
+
+def methods_of(control: object) -> dict[str, MethodSpec]:
+    """The method table for ``serve_api``: every ``@exposed`` method of ``control``, by name,
+    streaming if it is an async generator function."""
+    table = {}
+    for name in dir(type(control)):
+        func = getattr(control, name, None)
+        if callable(func) and getattr(func, _EXPOSED, False):
+            table[name] = MethodSpec(func, streams=inspect.isasyncgenfunction(func))
+    return table
+
+
+_STATUS: tuple[tuple[type[KacheryError], int], ...] = (
+    (InvalidInput, 400),
+    (NotPermitted, 403),
+    (NotFound, 404),
+    (AlreadyExists, 409),
+    (Unavailable, 503),
+)
+
+
+def status_for(error: KacheryError) -> int:
+    """The HTTP status of an error: 400 invalid input, 403 not permitted, 404 not found, 409
+    already exists, 503 the network could not answer, 500 any other kachery error."""
+    for cls, status in _STATUS:
+        if isinstance(error, cls):
+            return status
+    return 500
+
+
+async def serve_api(
+    methods: Mapping[str, MethodSpec],
+    *,
+    node_id: str,
+    token: str,
+    port: int,
+    verbose: bool = False,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the API on 127.0.0.1 until cancelled; start it with ``nursery.start``.
+
+    The socket is bound here, so a busy port fails with a clear error and port 0 works; its
+    descriptor is handed to hypercorn. When cancelled, in-flight calls get
+    ``GRACEFUL_SECONDS`` to finish (so ``shutdown`` gets its answer out) before they are
+    cancelled too.
+
+    Args:
+        methods: the method table (``methods_of``).
+        node_id: reported by ``/probe``.
+        token: the client-auth token every other route requires.
+        port: the port to bind; 0 picks a free one.
+        verbose: let hypercorn log start-up and every request.
+        task_status: receives the bound port once the API accepts connections.
+
+    Raises:
+        NodeError: the port cannot be bound.
+    """
+    listener = _bind(port)
+    bound_port: int = listener.getsockname()[1]
+    config = Config()
+    config.bind = [f"fd://{listener.detach()}"]
+    config.graceful_timeout = GRACEFUL_SECONDS
+    config.include_server_header = False
+    http_log.setLevel(logging.NOTSET if verbose else logging.WARNING)
+    config.errorlog = http_log
+    config.accesslog = http_log if verbose else None
+    app = _App(methods, node_id=node_id, token=token)
+    stop = trio.Event()
+    # hypercorn runs shielded from our caller's cancellation, so that cancelling serve_api turns
+    # into hypercorn's graceful shutdown (stop) rather than cutting answers off mid-write; the
+    # deadline set below bounds that shutdown.
+    server_scope = trio.CancelScope(shield=True)
+
+    async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
+        with server_scope:
+            await serve(app, config, shutdown_trigger=stop.wait, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_server)
+        log.debug("local API listening on http://%s:%d", API_HOST, bound_port)
+        task_status.started(bound_port)
+        try:
+            await trio.sleep_forever()
+        finally:
+            stop.set()
+            server_scope.deadline = trio.current_time() + GRACEFUL_SECONDS + 1.0
+
+
+def _bind(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after a stop
+        sock.bind((API_HOST, port))
+    except OSError as exc:
+        sock.close()
+        raise NodeError(
+            f"cannot listen for the local API on {API_HOST}:{port}: {exc.strerror}"
+            " (is another daemon running? choose another port with --api-port)"
+        ) from None
+    return sock
+
+
+# -- the ASGI app ------------------------------------------------------------------------------
+
+
+class _Refused(Exception):
+    """A request refused before any method runs."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+
+
+class _App:
+    """The ASGI application: lifespan, ``GET /probe`` and ``POST /api/<method>``."""
+
+    def __init__(self, methods: Mapping[str, MethodSpec], *, node_id: str, token: str) -> None:
+        self._methods = dict(methods)
+        self._token = token.encode("utf-8")
+        self._probe = {"success": True, "nodeId": node_id, "kacheryNodeVersion": _version()}
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] == "lifespan":
+            # hypercorn's Trio worker fails at start-up unless the app answers these.
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+        else:
+            await send({"type": "websocket.close", "code": 1008, "reason": "no websockets here"})
+
+    async def _http(
+        self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        try:
+            name = self._route(scope)
+            if name is None:
+                await _send_json(send, 200, self._probe)
+                return
+            body = await _read_body(receive)
+            if body is None:
+                return  # the client went away
+            spec = self._methods[name]
+            kwargs = _arguments(name, spec, body)
+        except _Refused as refused:
+            error = {"type": refused.kind, "message": refused.message}
+            await _send_json(send, refused.status, {"error": error})
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            if spec.streams:
+                await _stream(name, spec, kwargs, send)
+            else:
+                await _call(name, spec, kwargs, send)
+            nursery.cancel_scope.cancel()
+
+    def _route(self, scope: HTTPScope) -> str | None:
+        """The method a request names (None for the probe), once it is authorized."""
+        path, verb = scope["path"], scope["method"]
+        if path == "/probe":
+            if verb != "GET":
+                raise _Refused(405, "InvalidInput", "use GET /probe")
+            return None
+        if not self._authorized(scope["headers"]):
+            raise _Refused(
+                401,
+                "NotPermitted",
+                f"missing or wrong {AUTH_HEADER} header: the token is in the node home's"
+                " client-auth file",
+            )
+        name = path.removeprefix("/api/")
+        if name == path:
+            raise _Refused(404, "NotFound", f"no route {path}: the API is POST /api/<method>")
+        if name not in self._methods:
+            raise _Refused(
+                404,
+                "UnknownMethod",
+                f"the daemon has no API method {name!r} (is it older than this client? restart it)",
+            )
+        if verb != "POST":
+            raise _Refused(405, "InvalidInput", f"use POST /api/{name}")
+        return name
+
+    def _authorized(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+        wanted = AUTH_HEADER.lower().encode("ascii")
+        given = [value for key, value in headers if key.lower() == wanted]
+        return len(given) == 1 and hmac.compare_digest(given[0], self._token)
+
+
+async def _read_body(receive: ASGIReceiveCallable) -> bytes | None:
+    """The whole request body, or None if the client disconnected first."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        if message["type"] != "http.request":
+            continue
+        size += len(message["body"])
+        if size > MAX_BODY_BYTES:
+            raise _Refused(413, "InvalidInput", f"request body over {MAX_BODY_BYTES} bytes")
+        chunks.append(message["body"])
+        if not message["more_body"]:
+            return b"".join(chunks)
+
+
+def _arguments(name: str, spec: MethodSpec, body: bytes) -> dict[str, Any]:
+    """Parse a body into keyword arguments that fit the method's signature."""
+    try:
+        value = json.loads(body) if body.strip() else {}
+    except ValueError as exc:
+        raise _Refused(400, "InvalidInput", f"the body of {name} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise _Refused(
+            400, "InvalidInput", f"the body of {name} must be a JSON object of keyword arguments"
+        )
+    try:
+        inspect.signature(spec.func).bind(**value)
+    except TypeError as exc:
+        raise _Refused(400, "InvalidInput", f"wrong arguments for {name}: {exc}") from None
+    return value
+
+
+async def _call(
+    name: str, spec: MethodSpec, kwargs: dict[str, Any], send: ASGISendCallable
+) -> None:
+    try:
+        body = _dumps({"result": await spec.func(**kwargs)})
+        status = 200
+    except Exception as exc:
+        status, error = _failure(name, exc)
+        body = _dumps({"error": error})
+    await _send_start(send, status, JSON_TYPE, len(body))
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _stream(
+    name: str, spec: MethodSpec, kwargs: dict[str, Any], send: ASGISendCallable
+) -> None:
+    await _send_start(send, 200, NDJSON_TYPE, None)
+    final: dict[str, Any] = {"result": None}
+    iterator: Any = None
+    try:
+        iterator = spec.func(**kwargs)
+        if inspect.isawaitable(iterator):
+            iterator = await iterator
+        async for item in _as_async_iterator(iterator):
+            if isinstance(item, StreamResult):
+                final = {"result": item.value}
+                break
+            line = _dumps({"event": item})
+            await send({"type": "http.response.body", "body": line, "more_body": True})
+        _dumps(final)  # an unencodable result is the method's failure, reported below
+    except Exception as exc:
+        final = {"error": _failure(name, exc)[1]}
+    finally:
+        if isinstance(iterator, AsyncGenerator):
+            await iterator.aclose()
+    await send({"type": "http.response.body", "body": _dumps(final), "more_body": False})
+
+
+def _as_async_iterator(value: object) -> AsyncIterator[Any]:
+    if not isinstance(value, AsyncIterator):
+        raise TypeError(f"a streaming method returned {type(value).__name__}, not an iterator")
+    return value
+
+
+def _failure(name: str, exc: Exception) -> tuple[int, dict[str, str]]:
+    """The status and error object for a method's exception. Only deliberate (kachery) errors
+    show their message; anything else is a bug, logged with its traceback and never shown."""
+    error: BaseException = exc
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]  # a nursery wrapped one error of a task
+    if isinstance(error, KacheryError):
+        return status_for(error), {"type": type(error).__name__, "message": str(error)}
+    log.error("API method %s failed", name, exc_info=exc)
+    message = f"the daemon failed {name} with an internal error (its log has the details)"
+    return 500, {"type": "InternalError", "message": message}
+
+
+async def _cancel_on_disconnect(receive: ASGIReceiveCallable, scope: trio.CancelScope) -> None:
+    """Cancel the call when its client goes away (a closed stream must not run on)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+async def _send_json(send: ASGISendCallable, status: int, value: object) -> None:
+    body = _dumps(value)
+    await _send_start(send, status, JSON_TYPE, len(body))
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _send_start(
+    send: ASGISendCallable, status: int, content_type: bytes, length: int | None
+) -> None:
+    headers = [(b"content-type", content_type), (b"cache-control", b"no-store")]
+    if length is not None:
+        headers.append((b"content-length", str(length).encode("ascii")))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+
+
+def _dumps(value: object) -> bytes:
+    """One compact JSON line (strict: NaN and non-JSON types raise)."""
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("utf-8") + b"\n"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("kachery-node")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

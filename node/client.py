@@ -1,0 +1,408 @@
+"""The client side of the daemon's local API, and the files through which clients find it.
+
+A running daemon leaves two files in the node home: ``daemon.json`` (its pid, API port, node ID
+and listen address, written atomically with mode 0600 while it runs) and ``client-auth`` (a
+random token, mode 0600, sent as the ``KACHERY-CLIENT-AUTH-CODE`` header: only users who can
+read the node home can drive its daemon). ``DaemonClient`` reads both and calls the API with
+``http.client`` from the standard library, synchronously, for the command line and the Python
+library. Errors the daemon reports come back as the same ``KacheryError`` subclass.
+
+Non-goals: asynchronous use (call it from a worker thread inside Trio), and reaching a daemon on
+another machine: the API listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import kachery.node.errors
+import kachery.protocol.errors
+import kachery.storage.errors
+from kachery.protocol.errors import KacheryError
+
+from .errors import DaemonNotRunning, NodeError
+
+log = logging.getLogger(__name__)
+
+DAEMON_INFO_FILE = "daemon.json"
+CLIENT_AUTH_FILE = "client-auth"
+AUTH_HEADER = "KACHERY-CLIENT-AUTH-CODE"
+"""The request header carrying the token (kachery-daemon's name for it)."""
+
+API_HOST = "127.0.0.1"
+"""The API listens on loopback only."""
+
+DEFAULT_TIMEOUT = 120.0
+"""Seconds a call may stay silent: calls that need peers (join) wait on the network, and the
+daemon bounds those waits itself well below this."""
+
+TOKEN_BYTES = 32
+"""Random bytes in the client-auth token (written as hex)."""
+
+
+# -- files shared by the daemon and its clients ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DaemonInfo:
+    """What a running daemon publishes in ``<home>/daemon.json``.
+
+    Attributes:
+        pid: the daemon's process ID.
+        api_port: the local API's port on 127.0.0.1.
+        node_id: the node's ID (hex public key).
+        listen: the peer listen address, ``host:port``.
+    """
+
+    pid: int
+    api_port: int
+    node_id: str
+    listen: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "apiPort": self.api_port,
+            "nodeId": self.node_id,
+            "listen": self.listen,
+        }
+
+    @classmethod
+    def from_json(cls, value: object) -> DaemonInfo:
+        """Parse the JSON object; raises ``TypeError`` naming what is wrong."""
+        if not isinstance(value, Mapping):
+            raise TypeError("expected a JSON object")
+        fields = {"pid": int, "apiPort": int, "nodeId": str, "listen": str}
+        for key, kind in fields.items():
+            if not isinstance(value.get(key), kind) or isinstance(value.get(key), bool):
+                raise TypeError(f"{key!r} must be a {kind.__name__}")
+        return cls(
+            pid=value["pid"],
+            api_port=value["apiPort"],
+            node_id=value["nodeId"],
+            listen=value["listen"],
+        )
+
+
+def write_daemon_info(home_path: Path, info: DaemonInfo | Mapping[str, Any]) -> None:
+    """Publish ``info`` as ``<home>/daemon.json`` (mode 0600), atomically: readers never see a
+    partial file.
+
+    Args:
+        home_path: the node home.
+        info: a ``DaemonInfo``, or its JSON form ``{"pid", "apiPort", "nodeId", "listen"}``.
+
+    Raises:
+        NodeError: the file cannot be written.
+        TypeError: ``info`` lacks a field or has one of the wrong type (a bug in the caller).
+    """
+    if not isinstance(info, DaemonInfo):
+        info = DaemonInfo.from_json(info)
+    path = home_path / DAEMON_INFO_FILE
+    tmp = home_path / f".{DAEMON_INFO_FILE}.{os.getpid()}.tmp"
+    try:
+        _write_private(tmp, json.dumps(info.to_json()) + "\n", exclusive=False)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise NodeError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def read_daemon_info(home_path: Path) -> DaemonInfo | None:
+    """The running daemon's ``daemon.json``, or None if there is none.
+
+    Raises:
+        NodeError: the file exists but cannot be read or does not parse.
+    """
+    path = home_path / DAEMON_INFO_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise NodeError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return DaemonInfo.from_json(json.loads(text))
+    except (TypeError, ValueError) as exc:
+        raise NodeError(
+            f"{path} is not a daemon description ({exc}); remove it if no daemon is running"
+        ) from None
+
+
+def remove_daemon_info(home_path: Path, *, pid: int | None = None) -> None:
+    """Remove ``<home>/daemon.json`` if it names ``pid`` (default: the calling process), so a
+    daemon stopping late never removes the file of one started after it."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        info = read_daemon_info(home_path)
+    except NodeError:
+        info = None
+    if info is not None and info.pid == pid:
+        (home_path / DAEMON_INFO_FILE).unlink(missing_ok=True)
+
+
+def ensure_client_auth(home_path: Path) -> str:
+    """The client-auth token of this node home; creates ``<home>/client-auth`` (mode 0600) with a
+    fresh random token if it does not exist yet.
+
+    Raises:
+        NodeError: the file cannot be created or read.
+    """
+    path = home_path / CLIENT_AUTH_FILE
+    try:
+        _write_private(path, os.urandom(TOKEN_BYTES).hex() + "\n", exclusive=True)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise NodeError(f"cannot create {path}: {exc.strerror}") from None
+    return read_client_auth(home_path)
+
+
+def read_client_auth(home_path: Path) -> str:
+    """The token in ``<home>/client-auth``.
+
+    Raises:
+        DaemonNotRunning: there is no token: no daemon has ever run for this home.
+        NodeError: the file cannot be read or is empty.
+    """
+    path = home_path / CLIENT_AUTH_FILE
+    try:
+        mode = path.stat().st_mode
+        token = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        raise DaemonNotRunning(_not_running(home_path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NodeError(f"cannot read {path}: {exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("%s is readable by other users; run: chmod 600 %s", path, path)
+    if not token:
+        raise NodeError(f"{path} is empty: remove it and restart the daemon")
+    return token
+
+
+def _write_private(path: Path, text: str, *, exclusive: bool) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.write(fd, text.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _not_running(home_path: Path) -> str:
+    return f"no kachery-node daemon is running for {home_path}: start one with 'kachery-node start'"
+
+
+# -- the client --------------------------------------------------------------------------------
+
+
+class DaemonClient:
+    """Calls the local API of the daemon that runs for a node home.
+
+    The daemon's port and token are read afresh for every call, so a client outlives daemon
+    restarts. Methods take keyword arguments only (JSON values); see ``kachery.node.api``.
+
+    Args:
+        home_path: the node home.
+        timeout: seconds ``call`` waits for the daemon before giving up (None: forever).
+        stream_timeout: seconds ``stream`` waits for each next event (default None: forever,
+            since live feeds may be quiet for a long time).
+    """
+
+    def __init__(
+        self,
+        home_path: Path | str,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        stream_timeout: float | None = None,
+    ) -> None:
+        self.home_path = Path(home_path).expanduser().absolute()
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+
+    def call(self, method: str, /, **kwargs: Any) -> Any:
+        """Run ``method`` in the daemon and return its result (events of a streaming method are
+        dropped).
+
+        Raises:
+            DaemonNotRunning: no daemon runs for this home.
+            KacheryError: the daemon's error, as the same class when it is a known one.
+        """
+        with self._open(method, kwargs, self.timeout) as events:
+            for _ in events:
+                pass
+            return events.result
+
+    def stream(self, method: str, /, **kwargs: Any) -> CallStream:
+        """Start ``method`` in the daemon; iterate the returned ``CallStream`` for its events,
+        then read its ``result``::
+
+            with client.stream("download", uri=uri) as events:
+                for event in events:
+                    show(event)
+            print(events.result)
+
+        Raises:
+            DaemonNotRunning: no daemon runs for this home.
+            KacheryError: the daemon refused the call (here) or failed (at the end of iteration).
+        """
+        return self._open(method, kwargs, self.stream_timeout)
+
+    def _open(self, method: str, kwargs: dict[str, Any], timeout: float | None) -> CallStream:
+        info = read_daemon_info(self.home_path)
+        if info is None:
+            raise DaemonNotRunning(_not_running(self.home_path))
+        token = read_client_auth(self.home_path)
+        try:
+            body = json.dumps(kwargs, allow_nan=False).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise kachery.protocol.errors.InvalidInput(
+                f"the arguments of {method} are not JSON: {exc}"
+            ) from None
+        conn = http.client.HTTPConnection(API_HOST, info.api_port, timeout=timeout)
+        try:
+            conn.request(
+                "POST",
+                f"/api/{method}",
+                body=body,
+                headers={"Content-Type": "application/json", AUTH_HEADER: token},
+            )
+            response = conn.getresponse()
+        except ConnectionRefusedError:
+            conn.close()
+            raise DaemonNotRunning(_not_running(self.home_path)) from None
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise _lost(method, exc) from None
+        events = CallStream(method, conn, response)
+        if response.status != 200:
+            with events:
+                raise _error_from(method, _read_json(method, response.read()), response.status)
+        return events
+
+
+class CallStream:
+    """The answer to one call: iterate it for the events, then read ``result``.
+
+    Iteration raises the daemon's error if the call fails; the connection closes when iteration
+    ends, on ``close``, or when a ``with`` block exits.
+    """
+
+    def __init__(
+        self, method: str, conn: http.client.HTTPConnection, response: http.client.HTTPResponse
+    ) -> None:
+        self.method = method
+        self._conn = conn
+        self._response = response
+        self._done = False
+        self._result: Any = None
+
+    @property
+    def result(self) -> Any:
+        """The call's result, once iteration has ended."""
+        if not self._done:
+            raise NodeError(f"the result of {self.method} is not known before its events are read")
+        return self._result
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            if self._response.getheader("Content-Type", "").startswith("application/x-ndjson"):
+                yield from self._read_lines()
+            else:
+                self._finish(_read_json(self.method, self._read(self._response.read)))
+        finally:
+            self.close()
+
+    def _read_lines(self) -> Iterator[dict[str, Any]]:
+        while line := self._read(self._response.readline):
+            item = _read_json(self.method, line)
+            if "event" in item:
+                yield item["event"]
+            else:
+                self._finish(item)
+                return
+        raise NodeError(f"the daemon ended {self.method} without a result")
+
+    def _read(self, read: Callable[[], bytes]) -> bytes:
+        try:
+            data: bytes = read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise _lost(self.method, exc) from None
+        return data
+
+    def _finish(self, item: dict[str, Any]) -> None:
+        if "result" not in item:
+            raise _error_from(self.method, item, self._response.status)
+        self._result = item["result"]
+        self._done = True
+
+    def close(self) -> None:
+        """Close the connection (a streaming method still running in the daemon is cancelled)."""
+        self._conn.close()
+
+    def __enter__(self) -> CallStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _read_json(method: str, data: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise NodeError(
+            f"unexpected answer to {method} from the local API port: is it a kachery-node daemon?"
+        )
+    return value
+
+
+def _lost(method: str, exc: BaseException) -> NodeError:
+    if isinstance(exc, TimeoutError):
+        return NodeError(f"the kachery-node daemon did not answer {method} in time")
+    return NodeError(f"lost the connection to the kachery-node daemon during {method}: {exc}")
+
+
+def _error_from(method: str, item: dict[str, Any], status: int) -> KacheryError:
+    """The exception an ``{"error": {"type": ..., "message": ...}}`` answer stands for."""
+    error = item.get("error")
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+        return NodeError(f"the daemon failed {method} (HTTP {status}) without saying why")
+    message: str = error["message"]
+    cls = _ERROR_CLASSES.get(str(error.get("type")))
+    if cls is not None:
+        try:
+            return cls(message)
+        except TypeError:  # a class whose constructor wants more than a message
+            pass
+    return NodeError(message)
+
+
+def _error_classes() -> dict[str, type[KacheryError]]:
+    found: dict[str, type[KacheryError]] = {}
+    for module in (kachery.protocol.errors, kachery.storage.errors, kachery.node.errors):
+        for name, value in vars(module).items():
+            if isinstance(value, type) and issubclass(value, KacheryError):
+                found[name] = value
+    return found
+
+
+_ERROR_CLASSES = _error_classes()
+"""Error classes by name: an error the daemon reports is re-raised as the same class."""
