@@ -12,19 +12,26 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
+from kachery.protocol.channel import Role, parse_roles
 from kachery.protocol.errors import InvalidInput, KacheryError
 from kachery.protocol.uri import FileURI, parse_file_uri
 from kachery.storage.errors import NotFound
 
+from .client import DaemonClient
 from .home import HOME_ENV, NodeHome, default_home
-from .progress import ProgressBar, format_bytes
+from .progress import ProgressBar, format_bytes, format_duration
 
 PROG = "kachery-node"
+DEFAULT_LISTEN_PORT = 20432
+DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_LISTEN_PORT}"
+DEFAULT_API_PORT = 20431
+"""kachery-daemon's API port, so tools that probe it find kachery-node."""
 
 Command = Callable[[argparse.Namespace, TextIO], int]
 
@@ -138,7 +145,128 @@ def build_parser() -> argparse.ArgumentParser:
     md.set_defaults(command=cmd_mutable_delete)
     ml = msub.add_parser("list", help="print all keys and values as JSON lines")
     ml.set_defaults(command=cmd_mutable_list)
+
+    _add_daemon_commands(command)
     return parser
+
+
+def _add_daemon_commands(
+    command: Callable[[str, Command, str, str], argparse.ArgumentParser],
+) -> None:
+    """``start`` and the commands that talk to a running daemon."""
+    p = command(
+        "start",
+        cmd_start,
+        "run this node's daemon in the foreground; Ctrl-C stops it",
+        "The daemon accepts peers on --listen and serves the other commands (status, peers,\n"
+        "channel, join, leave) through a local API on 127.0.0.1 only.\n\n"
+        "examples:\n  kachery-node start\n"
+        "  kachery-node start --listen 0.0.0.0:20432 --announce ws://lab1.example.org:20432",
+    )
+    p.add_argument(
+        "--listen",
+        type=_cli_type(_host_port, "listen address"),
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help="where peers connect (default %(default)s)",
+    )
+    p.add_argument(
+        "--api-port",
+        type=_cli_type(_port, "port"),
+        default=DEFAULT_API_PORT,
+        metavar="PORT",
+        help="local API port on 127.0.0.1 (default %(default)s, kachery-daemon's)",
+    )
+    p.add_argument(
+        "--announce",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="ADDR",
+        help="address peers should dial, like ws://host:20432 (repeatable)",
+    )
+    # SUPPRESS: without -v here, the global `kachery-node -v start` keeps its value.
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log debugging detail",
+    )
+
+    p = command("status", cmd_status, "print what the running daemon is doing", "")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command(
+        "peers",
+        cmd_peers,
+        "list the peers the daemon is connected to",
+        "examples:\n  kachery-node peers\n  kachery-node peers --wait 2   # until 2 are connected",
+    )
+    p.add_argument(
+        "--wait", type=int, default=0, metavar="N", help="first wait until N peers are connected"
+    )
+    p.add_argument(
+        "--wait-for", nargs="+", default=[], metavar="NODE_ID", help="first wait for these peers"
+    )
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S", help="how long to wait")
+    p.add_argument("--json", action="store_true", help="print one JSON array")
+
+    p = command(
+        "channel",
+        cmd_channel_help,
+        "create channels, invite nodes, manage members",
+        "examples:\n  kachery-node channel create lab --label 'Smith lab'\n"
+        "  kachery-node channel invite lab --roles requestFiles,provideFiles --expires 2d\n"
+        "  kachery-node channel members lab",
+    )
+    csub = p.add_subparsers(title="channel commands", metavar="ACTION", required=True)
+
+    def action(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
+        a = csub.add_parser(name, help=help_text, description=help_text)
+        a.set_defaults(command=func)
+        return a
+
+    a = action("create", cmd_channel_create, "create a channel, with this node as its admin")
+    a.add_argument("name", metavar="NAME", help="this node's name for it (no spaces)")
+    a.add_argument("--label", help="a description shown to members (default: NAME)")
+    a.add_argument("--json", action="store_true", help="print the channel as JSON")
+    a = action("invite", cmd_channel_invite, "print an invite token granting roles")
+    a.add_argument("name", metavar="NAME")
+    a.add_argument(
+        "--roles",
+        required=True,
+        type=_cli_type(_role_names, "roles"),
+        metavar="ROLES",
+        help=f"comma-separated: {', '.join(r.value for r in Role)}, or all",
+    )
+    a.add_argument(
+        "--expires",
+        type=_cli_type(parse_duration, "duration"),
+        metavar="DURATION",
+        help="lifetime like 30m, 12h, 7d; 0 for never (default 7d)",
+    )
+    a.add_argument("--uses", type=int, metavar="N", help="how many nodes may use it (default any)")
+    a = action("list", cmd_channel_list, "list this node's channels")
+    a.add_argument("--json", action="store_true", help="print one JSON array")
+    a = action("members", cmd_channel_members, "list a channel's members and their roles")
+    a.add_argument("name", metavar="NAME")
+    a.add_argument("--json", action="store_true", help="print one JSON object")
+    a = action("set-roles", cmd_channel_set_roles, "give a member exactly these roles (admin)")
+    a.add_argument("name", metavar="NAME")
+    a.add_argument("node_id", metavar="NODE_ID")
+    a.add_argument("roles", metavar="ROLES", type=_cli_type(_role_names, "roles"))
+    a = action("remove", cmd_channel_remove, "remove a member from a channel (admin)")
+    a.add_argument("name", metavar="NAME")
+    a.add_argument("node_id", metavar="NODE_ID")
+
+    p = command("join", cmd_join, "join a channel with an invite token", "")
+    p.add_argument("token", metavar="TOKEN")
+    p.add_argument("--name", help="this node's name for the channel (default: from its label)")
+    p.add_argument("--json", action="store_true", help="print the channel as JSON")
+
+    p = command("leave", cmd_leave, "stop taking part in a channel on this node", "")
+    p.add_argument("name", metavar="NAME")
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -314,6 +442,244 @@ def cmd_mutable_list(args: argparse.Namespace, out: TextIO) -> int:
     for key, value in home.mutables.items():
         print(json.dumps({"key": key, "value": value}), file=out)
     return 0
+
+
+# -- the daemon and the commands that talk to it -----------------------------------------------
+
+
+def cmd_start(args: argparse.Namespace, out: TextIO) -> int:
+    from .daemon import run_daemon  # here: only `start` needs trio and the network stack
+
+    home = NodeHome.open()
+    run_daemon(
+        home,
+        listen=args.listen,
+        api_port=args.api_port,
+        announce=args.announce,
+        verbose=args.verbose,
+    )
+    print(f"{PROG}: daemon stopped", file=sys.stderr)
+    return 0
+
+
+def _daemon() -> DaemonClient:
+    return DaemonClient(NodeHome.open().path)
+
+
+def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    status = _daemon().call("status")
+    if args.json:
+        print(json.dumps(status), file=out)
+        return 0
+    width = max((len(key) for key in status), default=0) + 1
+    for key, value in status.items():
+        print(f"{key + ':':<{width}} {_show(key, value)}", file=out)
+    return 0
+
+
+def cmd_peers(args: argparse.Namespace, out: TextIO) -> int:
+    if args.wait or args.wait_for:
+        peers = _daemon().call(
+            "wait_peers",
+            node_ids=args.wait_for or None,
+            count=args.wait or 1,
+            within_seconds=args.timeout,
+        )
+    else:
+        peers = _daemon().call("peers")
+    if args.json:
+        print(json.dumps(peers), file=out)
+        return 0
+    if not peers:
+        print("no peers connected", file=sys.stderr)
+        return 0
+    rows = [
+        [
+            str(p.get("nodeId", ""))[:16],
+            str(p.get("address") or "-"),
+            str(p.get("direction", "")),
+            _show("channels", p.get("channels", [])),
+            "-" if p.get("rttMs") is None else f"{p['rttMs']:.1f}",
+            format_duration(float(p.get("connectedSeconds", 0))),
+        ]
+        for p in peers
+    ]
+    headers = ["NODE", "ADDRESS", "DIR", "CHANNELS", "RTT MS", "CONNECTED"]
+    _print_table(headers, rows, out)
+    return 0
+
+
+def cmd_channel_help(args: argparse.Namespace, out: TextIO) -> int:
+    raise AssertionError("argparse requires a channel action")
+
+
+def cmd_channel_create(args: argparse.Namespace, out: TextIO) -> int:
+    channel = _daemon().call("channel_create", name=args.name, label=args.label)
+    if args.json:
+        print(json.dumps(channel), file=out)
+    else:
+        print(channel.get("channelId", ""), file=out)
+        print(f"created channel {args.name}", file=sys.stderr)
+    return 0
+
+
+def cmd_channel_invite(args: argparse.Namespace, out: TextIO) -> int:
+    if not args.roles:
+        raise InvalidInput("--roles names no role: an invite must grant at least one")
+    answer = _daemon().call(
+        "channel_invite",
+        name=args.name,
+        roles=args.roles,
+        expires_seconds=args.expires,
+        uses=args.uses,
+    )
+    print(answer["token"], file=out)
+    return 0
+
+
+def cmd_channel_list(args: argparse.Namespace, out: TextIO) -> int:
+    channels = _daemon().call("channel_list")
+    if args.json:
+        print(json.dumps(channels), file=out)
+        return 0
+    rows = [
+        [
+            str(c.get("name", "")),
+            str(c.get("label", "")),
+            str(c.get("members", "")),
+            str(c.get("version", "")),
+            _show("roles", c.get("roles", [])),
+            str(c.get("channelId", ""))[:16],
+        ]
+        for c in channels
+    ]
+    if rows:
+        _print_table(["NAME", "LABEL", "MEMBERS", "VERSION", "MY ROLES", "CHANNEL"], rows, out)
+    return 0
+
+
+def cmd_channel_members(args: argparse.Namespace, out: TextIO) -> int:
+    channel = _daemon().call("channel_members", name=args.name)
+    if args.json:
+        print(json.dumps(channel), file=out)
+        return 0
+    rows = []
+    for m in channel.get("members", []):
+        mark = " (this node)" if m.get("self") else (" (connected)" if m.get("connected") else "")
+        rows.append(
+            [str(m.get("nodeId", "")), str(m.get("label", "")) + mark, _show("roles", m["roles"])]
+        )
+    if rows:
+        _print_table(["NODE ID", "LABEL", "ROLES"], rows, out)
+    return 0
+
+
+def cmd_channel_set_roles(args: argparse.Namespace, out: TextIO) -> int:
+    _daemon().call("channel_set_roles", name=args.name, node_id=args.node_id, roles=args.roles)
+    print(f"{args.node_id[:16]}... now has roles: {_show('roles', args.roles)}", file=sys.stderr)
+    return 0
+
+
+def cmd_channel_remove(args: argparse.Namespace, out: TextIO) -> int:
+    _daemon().call("channel_remove", name=args.name, node_id=args.node_id)
+    print(f"removed {args.node_id[:16]}... from {args.name}", file=sys.stderr)
+    return 0
+
+
+def cmd_join(args: argparse.Namespace, out: TextIO) -> int:
+    channel = _daemon().call("channel_join", token=args.token, name=args.name)
+    if args.json:
+        print(json.dumps(channel), file=out)
+    else:
+        print(channel.get("name", ""), file=out)
+        roles = _show("roles", channel.get("roles", []))
+        print(f"joined channel {channel.get('label', '')!r} with roles: {roles}", file=sys.stderr)
+    return 0
+
+
+def cmd_leave(args: argparse.Namespace, out: TextIO) -> int:
+    _daemon().call("channel_leave", name=args.name)
+    print(f"left channel {args.name}", file=sys.stderr)
+    return 0
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``30m``, ``12h``, ``7d`` (also ``s`` and ``w``) -> seconds; ``0`` -> 0, meaning never.
+
+    Raises:
+        InvalidInput: anything else (a bare number is refused: seconds or days?).
+    """
+    text = text.strip()
+    if text == "0":
+        return 0.0
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise InvalidInput(
+            f"invalid duration {text!r}: use a number and a unit (30m, 12h, 7d, 2w), or 0 for never"
+        )
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _role_names(text: str) -> list[str]:
+    return sorted(role.value for role in parse_roles(text))
+
+
+def _host_port(text: str) -> str:
+    _, sep, port = text.rpartition(":")
+    if not sep:
+        raise InvalidInput(f"{text!r} is not HOST:PORT (like 0.0.0.0:{DEFAULT_LISTEN_PORT})")
+    _port(port)
+    return text
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise InvalidInput(f"{text!r} is not a port number (0-65535)")
+    return port
+
+
+T = TypeVar("T")
+
+
+def _cli_type(parse: Callable[[str], T], name: str) -> Callable[[str], T]:
+    """An argparse ``type`` that shows ``parse``'s InvalidInput message (argparse would show
+    only "invalid value") as a usage error."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except InvalidInput as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+def _show(key: str, value: Any) -> str:
+    """A value of a daemon answer, for people."""
+    if isinstance(value, list):
+        return ", ".join(_show(key, item) for item in value) or "-"
+    if isinstance(value, dict):
+        return str(value.get("name") or json.dumps(value))
+    if value is None:
+        return "-"
+    if key.endswith("Seconds") and isinstance(value, int | float):
+        return format_duration(value)
+    return str(value)
+
+
+def _print_table(headers: list[str], rows: list[list[str]], out: TextIO) -> None:
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+    for row in [headers, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out)
 
 
 # -- helpers -----------------------------------------------------------------------------------

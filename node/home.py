@@ -3,6 +3,7 @@
 ``$KACHERY_NODE_HOME`` (default ``~/.kachery-node``) holds::
 
     node-key          the node's Ed25519 seed, hex, mode 0600; never sent anywhere
+    keys/channel-<id> owner keys of channels this node created (mode 0600)
     kachery-node-id   the node ID (kachery-daemon kept this file too)
     kachery.db        SQLite database (WAL): file index, mutables, and later channels, feeds, tasks
     store/sha1/...    the blob store, in kachery's layout
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from kachery.protocol.identity import SEED_BYTES, KeyPair
 from kachery.storage.blobstore import BlobStore
+from kachery.storage.channels import Channels
 from kachery.storage.db import Database, sqlite_url
 from kachery.storage.files import LocalFiles
 from kachery.storage.mutables import Mutables
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 HOME_ENV = "KACHERY_NODE_HOME"
 DATABASE_URL_ENV = "KACHERY_NODE_DATABASE_URL"
 KEY_FILE = "node-key"
+KEYS_DIR = "keys"
 NODE_ID_FILE = "kachery-node-id"
 
 
@@ -96,6 +99,21 @@ class NodeHome:
     @cached_property
     def mutables(self) -> Mutables:
         return Mutables(self.database)
+
+    @cached_property
+    def channels(self) -> Channels:
+        return Channels(self.database)
+
+    def save_channel_key(self, key: KeyPair) -> None:
+        """Keep the private key of a channel this node owns (mode 0600, never sent anywhere)."""
+        keys = self.path / KEYS_DIR
+        keys.mkdir(mode=0o700, exist_ok=True)
+        _write_key(keys / f"channel-{key.id}", key.seed)
+
+    def channel_key(self, channel_id: str) -> KeyPair | None:
+        """The owner key of a channel, if this node owns it."""
+        path = self.path / KEYS_DIR / f"channel-{channel_id}"
+        return KeyPair(_read_key(path)) if path.exists() else None
 
     def close(self) -> None:
         if "database" in self.__dict__:

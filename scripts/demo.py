@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from kachery.node.testing import Daemon
 from kachery.protocol import parse_file_uri
 
 EXE = str(Path(sys.executable).with_name("kachery-node"))
@@ -38,9 +39,62 @@ def run(home: Path, *args: str, stdin: bytes | None = None, show: bool = True) -
     return out.strip()
 
 
+def swarm(base: Path) -> None:
+    """Part 2: a private lab channel of three daemons on loopback."""
+    say("Part 2: a private channel. Three nodes on this machine: an owner and two lab members.")
+    nodes = {name: Daemon(base / name) for name in ("owner", "alice", "bob")}
+    try:
+        for name, node in nodes.items():
+            node.start()
+            print(f"started {name}: node {node.node_id[:16]}... (kachery-node start)")
+        owner, alice, bob = nodes["owner"], nodes["alice"], nodes["bob"]
+        show(owner, "channel", "create", "lab", "--label", "Buzsaki lab recordings")
+        say("The owner invites each member: a token to paste, valid 7 days, one use.")
+        roles = "requestFiles,provideFiles,requestFeeds,provideFeeds,requestTasks,provideTasks"
+        for name in ("alice", "bob"):
+            print(f"$ kachery-node channel invite lab --roles {roles} --uses 1")
+            token = owner.cli("channel", "invite", "lab", "--roles", roles, "--uses", "1").strip()
+            print(f"{token[:48]}...  ({len(token)} characters)")
+            say(f"{name} joins: dials the owner, proves the invite, is added to the channel.")
+            print("$ kachery-node join kachery-invite:...")
+            print(nodes[name].cli("join", token).strip())
+        say("All three hold the same signed membership document:")
+        show(bob, "channel", "members", "lab")
+        say("bob was told only the owner's address; he finds alice by peer exchange:")
+        show(bob, "peers", "--wait-for", owner.node_id, alice.node_id)
+        say("Every session is authenticated and encrypted; outsiders are refused:")
+        stranger = Daemon(base / "stranger")
+        stranger.start()
+        try:
+            show(stranger, "channel", "create", "elsewhere")
+            print("$ kachery-node join <the invite bob used>")
+            print(stranger.cli("join", token, check=False).strip())
+        finally:
+            stranger.stop()
+    finally:
+        for node in nodes.values():
+            if node.proc is not None:
+                node.stop()
+
+
+def show(node: Daemon, *args: str) -> str:
+    print(f"$ kachery-node {shlex.join(args)}")
+    out = node.cli(*args)
+    print(out.rstrip("\n"))
+    return out.strip()
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kachery-demo-") as tmp:
         base = Path(tmp)
+        local(base)
+        swarm(base)
+    print("\ndemo finished; its temporary node homes are removed.")
+
+
+def local(base: Path) -> None:
+    """Part 1: one node's local store."""
+    if True:
         home = base / "lab-node"
         say("A node is an Ed25519 key pair in a home directory; its ID is the public key.")
         run(home, "init")
@@ -88,7 +142,6 @@ def main() -> None:
             print(f"$ kachery-node {shlex.join(args)}")
             proc = subprocess.run([EXE, *args], capture_output=True, env=env, check=False)
             print(proc.stderr.decode().rstrip(), f"(exit code {proc.returncode})")
-    print("\ndemo finished; its temporary node home is removed.")
 
 
 if __name__ == "__main__":

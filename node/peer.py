@@ -1,0 +1,491 @@
+"""A running session with one peer: the handshake, then a reader, a writer and requests.
+
+``handshake_as_initiator`` and ``handshake_as_responder`` drive the sans-I/O ``Session`` through
+M1..M4 over a ``Link`` within HANDSHAKE_TIMEOUT. ``PeerConnection.run`` then runs three tasks:
+
+- the reader decrypts each frame; replies resolve the request waiting for them; requests are
+  checked (membership and role, by ``Handlers.check``) before anything else is read from them,
+  then handled in their own task, at most MAX_CONCURRENT_REQUESTS at once (more are answered
+  ``busy``); a protocol error closes this session only, with its close code;
+- the writer encrypts and sends, always emptying the control queue before it sends the next bulk
+  data frame, so a bulk transfer never starves gossip and requests on the same session;
+- the keepalive pings and closes a session whose peer stopped answering.
+
+Non-goal: deciding who may connect or what a request means (membership.py, the services).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import trio
+
+from kachery.protocol.errors import CloseCode, KacheryError, RemoteProtocolError
+from kachery.protocol.identity import KeyPair
+from kachery.protocol.messages import ErrorCode, ErrorReply, Message, Ping, Pong, UnknownMessage
+from kachery.protocol.session import (
+    Admission,
+    Claim,
+    DataReceived,
+    InitiatorIdentified,
+    MessageReceived,
+    Refused,
+    ResponderIdentified,
+    Session,
+    Side,
+    Welcomed,
+)
+
+from .errors import NodeError, NotPermitted, Unavailable
+from .transport import Link, LinkClosed
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds for M1..M4; a peer that stalls longer is dropped."""
+
+KEEPALIVE_INTERVAL = 15.0
+KEEPALIVE_TIMEOUT = 45.0
+"""A session with no frame from the peer for this long is closed."""
+
+REQUEST_TIMEOUT = 30.0
+MAX_CONCURRENT_REQUESTS = 64
+"""Requests from one peer handled at once; more are answered ``busy``."""
+
+CONTROL_QUEUE = 256
+"""Control messages waiting to be sent (small: gossip, requests, replies)."""
+
+BULK_QUEUE = 4
+"""Bulk data frames waiting to be sent: a bulk sender waits when the writer falls behind."""
+
+
+class HandshakeFailed(NodeError):
+    """The handshake did not complete; the message says why (refused, timed out, closed)."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RequestFailed(NodeError):
+    """A peer answered a request with an error; ``code`` is its ErrorCode."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Refusal(Exception):
+    """Raised by an admission callback to refuse a session: ``code`` and ``reason`` are sent."""
+
+    def __init__(self, code: CloseCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def raise_for_reply(reply: ErrorReply) -> None:
+    """Raise the local error that matches a peer's error reply."""
+    if reply.code == ErrorCode.NOT_PERMITTED or reply.code == ErrorCode.NOT_A_MEMBER:
+        raise NotPermitted(reply.message)
+    if reply.code == ErrorCode.BUSY:
+        raise Unavailable(reply.message)
+    raise RequestFailed(reply.code, reply.message)
+
+
+# -- handshakes ----------------------------------------------------------------------------------
+
+
+async def handshake_as_initiator(
+    link: Link,
+    identity: KeyPair,
+    *,
+    expected_peer: str | None,
+    make_claim: Callable[[Session, ResponderIdentified], Claim],
+) -> tuple[Session, ResponderIdentified, Admission]:
+    """Dial side of the handshake.
+
+    Raises:
+        HandshakeFailed: refused (with the responder's reason), timed out, or closed.
+    """
+    session = Session(
+        Side.INITIATOR,
+        identity,
+        ephemeral_secret=os.urandom(32),
+        nonce=os.urandom(32),
+        expected_peer=expected_peer,
+    )
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await link.send(session.send_hello())
+            identified = session.receive(await link.receive())
+            assert isinstance(identified, ResponderIdentified)
+            await link.send(session.send_identity(make_claim(session, identified)))
+            verdict = session.receive(await link.receive())
+    except trio.TooSlowError:
+        await link.close(CloseCode.GOING_AWAY, "handshake timed out")
+        raise HandshakeFailed(f"{link.remote}: handshake timed out") from None
+    except RemoteProtocolError as exc:
+        await link.close(exc.close_code, str(exc))
+        raise HandshakeFailed(f"{link.remote}: {exc}", exc.close_code) from None
+    except LinkClosed as exc:
+        raise HandshakeFailed(
+            f"{link.remote} closed the connection: {exc.reason}", exc.code
+        ) from None
+    if isinstance(verdict, Refused):
+        await link.close(verdict.code, verdict.reason)
+        raise HandshakeFailed(f"refused by {link.remote}: {verdict.reason}", verdict.code)
+    assert isinstance(verdict, Welcomed)
+    return session, identified, verdict.admission
+
+
+async def handshake_as_responder(
+    link: Link,
+    identity: KeyPair,
+    *,
+    observed_address: str,
+    admit: Callable[[Session, InitiatorIdentified], Awaitable[Admission]],
+) -> tuple[Session, InitiatorIdentified, Admission]:
+    """Listen side of the handshake; ``admit`` returns the admission or raises ``Refusal``.
+
+    Raises:
+        HandshakeFailed: the initiator was refused, misbehaved, timed out or went away.
+    """
+    session = Session(
+        Side.RESPONDER, identity, ephemeral_secret=os.urandom(32), nonce=os.urandom(32)
+    )
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            session.receive(await link.receive())
+            await link.send(session.send_ack(observed_address))
+            identified = session.receive(await link.receive())
+            assert isinstance(identified, InitiatorIdentified)
+            try:
+                admission = await admit(session, identified)
+            except Refusal as refusal:
+                await link.send(session.send_refusal(refusal.code, refusal.reason))
+                await link.close(refusal.code, refusal.reason)
+                raise HandshakeFailed(
+                    f"refused {identified.node_id[:16]}... from {link.remote}: {refusal.reason}",
+                    refusal.code,
+                ) from None
+            await link.send(session.send_welcome(admission))
+    except trio.TooSlowError:
+        await link.close(CloseCode.GOING_AWAY, "handshake timed out")
+        raise HandshakeFailed(f"{link.remote}: handshake timed out") from None
+    except RemoteProtocolError as exc:
+        await link.close(exc.close_code, str(exc))
+        raise HandshakeFailed(f"{link.remote}: {exc}", exc.close_code) from None
+    except LinkClosed as exc:
+        raise HandshakeFailed(f"{link.remote} went away during the handshake", exc.code) from None
+    return session, identified, admission
+
+
+# -- the running session -------------------------------------------------------------------------
+
+
+class Handlers(Protocol):
+    """What a connection asks of the node about incoming messages."""
+
+    def check(self, conn: PeerConnection, msg: Message) -> ErrorReply | None:
+        """Membership and role check of a request; an ErrorReply refuses it."""
+
+    async def handle_request(self, conn: PeerConnection, msg: Message) -> Message:
+        """Answer a request (raise a KacheryError to answer with an error)."""
+
+    async def handle_message(self, conn: PeerConnection, msg: Message) -> None:
+        """Act on a one-way message."""
+
+    async def handle_data(self, conn: PeerConnection, event: DataReceived) -> None:
+        """Take a bulk data block."""
+
+
+@dataclasses.dataclass
+class _Pending:
+    event: trio.Event = dataclasses.field(default_factory=trio.Event)
+    reply: Message | None = None
+
+
+class PeerConnection:
+    """An established session with one peer.
+
+    Attributes:
+        node_id: the peer's proven node ID.
+        channels: channel IDs this session serves (updated when membership changes).
+        direction: ``"outbound"`` (we dialed) or ``"inbound"``.
+        address: where we dialed, or where the peer connected from.
+        listen_addresses: where the peer says it can be reached.
+    """
+
+    def __init__(
+        self,
+        link: Link,
+        session: Session,
+        *,
+        direction: str,
+        channels: set[str],
+        handlers: Handlers,
+        listen_addresses: tuple[str, ...] = (),
+    ) -> None:
+        assert session.peer_id is not None
+        self.node_id: str = session.peer_id
+        self.link = link
+        self.session = session
+        self.direction = direction
+        self.address = link.remote
+        self.channels = channels
+        self.listen_addresses = listen_addresses
+        self.handlers = handlers
+        self.connected_at = time.time()
+        self.rtt: float | None = None
+        self.closed = trio.Event()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._control_send, self._control_recv = trio.open_memory_channel[Message](CONTROL_QUEUE)
+        self._bulk_send, self._bulk_recv = trio.open_memory_channel[tuple[int, int, bytes]](
+            BULK_QUEUE
+        )
+        self._work = trio.Event()
+        self._last_heard = time.monotonic()
+        self._busy = trio.Semaphore(MAX_CONCURRENT_REQUESTS)
+        self._cancel = trio.CancelScope()
+        self._ping_sent: dict[int, float] = {}
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def __repr__(self) -> str:
+        return f"PeerConnection({self.node_id[:12]}..., {self.direction}, {self.address})"
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until the session ends (by either side, an error, or ``close``)."""
+        try:
+            with self._cancel:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    nursery.start_soon(self._keepalive)
+                    await self._reader(nursery)
+                    nursery.cancel_scope.cancel()
+        finally:
+            for pending in self._pending.values():
+                pending.event.set()
+            self.closed.set()
+            with trio.CancelScope(shield=True):
+                await self.link.close(self.close_code or CloseCode.GOING_AWAY, self.close_reason)
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """End the session, telling the peer ``code`` and ``reason``."""
+        if self.close_code is None:
+            self.close_code, self.close_reason = code, reason
+        self._cancel.cancel()
+        await self.closed.wait()
+
+    async def _reader(self, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                data = await self.link.receive()
+            except LinkClosed as exc:
+                if self.close_code is None:
+                    self.close_code, self.close_reason = exc.code, exc.reason
+                return
+            self._last_heard = time.monotonic()
+            self.bytes_received += len(data)
+            try:
+                event = self.session.receive(data)
+            except RemoteProtocolError as exc:
+                log.warning("closing session with %s: %s", self.node_id[:16], exc)
+                self.close_code, self.close_reason = exc.close_code, str(exc)
+                return
+            if isinstance(event, DataReceived):
+                await self.handlers.handle_data(self, event)
+            elif isinstance(event, MessageReceived):
+                self._dispatch(event.message, nursery)
+            else:  # handshake events cannot occur once established
+                self.close_code, self.close_reason = CloseCode.PROTOCOL_ERROR, "unexpected event"
+                return
+
+    def _dispatch(self, msg: Message | UnknownMessage, nursery: trio.Nursery) -> None:
+        if isinstance(msg, UnknownMessage):
+            if msg.id is not None:
+                reply = ErrorReply(
+                    id=msg.id,
+                    code=ErrorCode.UNSUPPORTED,
+                    message=f"unknown message type {msg.type}",
+                )
+                self._queue_control(reply)
+            return
+        if isinstance(msg, Ping):
+            self._queue_control(Pong(nonce=msg.nonce))
+            return
+        if isinstance(msg, Pong):
+            sent = self._ping_sent.pop(msg.nonce, None)
+            if sent is not None:
+                self.rtt = time.monotonic() - sent
+            return
+        if msg.REPLY:
+            pending = self._pending.get(getattr(msg, "id", -1))
+            if pending is not None:
+                pending.reply = msg
+                pending.event.set()
+            return
+        request_id = getattr(msg, "id", None)
+        if request_id is None:
+            nursery.start_soon(self._handle_message, msg)
+            return
+        refusal = self.handlers.check(self, msg)
+        if refusal is not None:
+            self._queue_control(refusal)
+            return
+        try:
+            self._busy.acquire_nowait()
+        except trio.WouldBlock:
+            self._queue_control(
+                ErrorReply(id=request_id, code=ErrorCode.BUSY, message="too many requests; retry")
+            )
+            return
+        nursery.start_soon(self._handle_request, msg, request_id)
+
+    async def _handle_request(self, msg: Message, request_id: int) -> None:
+        try:
+            reply = await self.handlers.handle_request(self, msg)
+        except KacheryError as exc:
+            reply = ErrorReply(id=request_id, code=error_code_of(exc), message=str(exc))
+        except Exception:
+            log.exception("error handling %s from %s", type(msg).__name__, self.node_id[:16])
+            reply = ErrorReply(id=request_id, code=ErrorCode.INTERNAL, message="internal error")
+        finally:
+            self._busy.release()
+        self._queue_control(reply)
+
+    async def _handle_message(self, msg: Message) -> None:
+        try:
+            await self.handlers.handle_message(self, msg)
+        except KacheryError as exc:
+            log.info("ignored %s from %s: %s", type(msg).__name__, self.node_id[:16], exc)
+
+    async def _writer(self) -> None:
+        while True:
+            try:
+                msg = self._control_recv.receive_nowait()
+            except trio.WouldBlock:
+                pass
+            else:
+                await self._send_frame(self.session.send_message(msg))
+                continue
+            try:
+                stream, offset, payload = self._bulk_recv.receive_nowait()
+            except trio.WouldBlock:
+                pass
+            else:
+                await self._send_frame(self.session.send_data(stream, offset, payload))
+                continue
+            self._work = trio.Event()
+            await self._work.wait()
+
+    async def _send_frame(self, frame: bytes) -> None:
+        try:
+            await self.link.send(frame)
+        except LinkClosed:
+            self._cancel.cancel()
+            await trio.sleep_forever()
+        self.bytes_sent += len(frame)
+
+    async def _keepalive(self) -> None:
+        """Ping at once (to measure the round trip), then every KEEPALIVE_INTERVAL."""
+        for nonce in itertools.count(1):
+            if time.monotonic() - self._last_heard > KEEPALIVE_TIMEOUT:
+                self.close_code, self.close_reason = CloseCode.GOING_AWAY, "keepalive timeout"
+                self._cancel.cancel()
+                return
+            self._ping_sent = {nonce: time.monotonic()}
+            self._queue_control(Ping(nonce=nonce))
+            await trio.sleep(KEEPALIVE_INTERVAL)
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def _queue_control(self, msg: Message) -> None:
+        try:
+            self._control_send.send_nowait(msg)
+        except trio.WouldBlock:
+            # The peer is not reading; it will hit the keepalive. Dropping would lose replies.
+            self.close_code, self.close_reason = CloseCode.GOING_AWAY, "peer is not reading"
+            self._cancel.cancel()
+        except trio.ClosedResourceError:
+            return
+        self._work.set()
+
+    async def send(self, msg: Message) -> None:
+        """Send a one-way message (queued ahead of bulk data)."""
+        if self.closed.is_set():
+            raise Unavailable(f"the session with {self.node_id[:16]}... is closed")
+        self._queue_control(msg)
+
+    async def send_data(self, stream: int, offset: int, payload: bytes) -> None:
+        """Send a bulk data block; waits while the writer is BULK_QUEUE blocks behind."""
+        if self.closed.is_set():
+            raise Unavailable(f"the session with {self.node_id[:16]}... is closed")
+        await self._bulk_send.send((stream, offset, payload))
+        self._work.set()
+
+    async def request(self, msg: Message, *, reply_timeout: float = REQUEST_TIMEOUT) -> Message:
+        """Send a request (its ``id`` is replaced by a fresh one) and wait for the reply.
+
+        Raises:
+            NotPermitted, Unavailable, RequestFailed: the peer refused, or the session ended or
+                timed out.
+        """
+        request_id = next(self._ids)
+        msg = dataclasses.replace(msg, id=request_id)  # type: ignore[call-arg]
+        pending = _Pending()
+        self._pending[request_id] = pending
+        try:
+            await self.send(msg)
+            with trio.move_on_after(reply_timeout):
+                await pending.event.wait()
+        finally:
+            del self._pending[request_id]
+        if pending.reply is None:
+            if self.closed.is_set():
+                raise Unavailable(f"the session with {self.node_id[:16]}... closed")
+            raise Unavailable(f"{self.node_id[:16]}... did not answer within {reply_timeout:.0f} s")
+        if isinstance(pending.reply, ErrorReply):
+            raise_for_reply(pending.reply)
+        return pending.reply
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "nodeId": self.node_id,
+            "address": self.address,
+            "direction": self.direction,
+            "channels": sorted(self.channels),
+            "rttMs": None if self.rtt is None else round(self.rtt * 1000, 3),
+            "connectedSeconds": round(time.time() - self.connected_at, 1),
+            "bytesSent": self.bytes_sent,
+            "bytesReceived": self.bytes_received,
+            "pendingRequests": len(self._pending),
+        }
+
+
+def error_code_of(exc: KacheryError) -> str:
+    """The ErrorCode sent for a local error raised while answering a request."""
+    from kachery.protocol.errors import InvalidInput
+    from kachery.storage.errors import NotFound
+
+    if isinstance(exc, NotPermitted):
+        return ErrorCode.NOT_PERMITTED
+    if isinstance(exc, NotFound):
+        return ErrorCode.NOT_FOUND
+    if isinstance(exc, InvalidInput):
+        return ErrorCode.BAD_REQUEST
+    if isinstance(exc, Unavailable):
+        return ErrorCode.BUSY
+    return ErrorCode.INTERNAL

@@ -1,0 +1,81 @@
+"""The daemon as a lab member runs it: real ``kachery-node start`` processes, driven by the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kachery.node.testing import Daemon
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[dict[str, Daemon]]:
+    made: dict[str, Daemon] = {}
+
+    class Factory(dict[str, Daemon]):
+        def __missing__(self, name: str) -> Daemon:
+            made[name] = self[name] = Daemon(tmp_path / name)
+            return made[name]
+
+    yield Factory()
+    for d in made.values():
+        d.kill()
+
+
+def test_a_lab_swarm_from_the_command_line(daemons: dict[str, Daemon]) -> None:
+    owner, a, b = daemons["owner"], daemons["a"], daemons["b"]
+    for d in (owner, a, b):
+        d.start()
+    channel_id = owner.cli("channel", "create", "lab").strip()
+    assert len(channel_id) == 64
+    for d in (a, b):
+        token = owner.cli(
+            "channel", "invite", "lab", "--roles", "requestFiles,provideFiles"
+        ).strip()
+        assert token.startswith("kachery-invite:")
+        assert d.cli("join", token).strip() == "lab"
+    members = {m["nodeId"]: m for m in owner.json("channel", "members", "lab")["members"]}
+    assert set(members) == {owner.node_id, a.node_id, b.node_id}
+    assert members[a.node_id]["roles"] == ["provideFiles", "requestFiles"]
+    for d in (a, b):
+        assert {m["nodeId"] for m in d.json("channel", "members", "lab")["members"]} == set(members)
+    # a and b were only given the owner's address; they find each other by peer exchange.
+    peers = a.json("peers", "--wait-for", owner.node_id, b.node_id, "--timeout", "30")
+    assert {p["nodeId"] for p in peers} == {owner.node_id, b.node_id}
+    status = a.json("status")
+    assert status["nodeId"] == a.node_id
+    assert status["peers"] == 2
+    for d in (owner, a, b):
+        assert d.stop() == 0
+        assert "Traceback" not in "".join(d.log)
+
+
+def test_a_second_daemon_on_one_home_is_refused_and_ctrl_c_stops_cleanly(
+    daemons: dict[str, Daemon],
+) -> None:
+    node = daemons["n"]
+    node.start()
+    out = node.cli("start", "--listen", "127.0.0.1:0", "--api-port", "0", check=False)
+    assert "already running" in out
+    assert "Traceback" not in out
+    assert node.stop() == 0
+    assert "daemon stopped" in "".join(node.log)
+    assert not (node.home / "daemon.json").exists()
+    out = node.cli("status", check=False)
+    assert "no kachery-node daemon is running" in out
+
+
+def test_a_member_restarted_from_the_command_line_rejoins(daemons: dict[str, Daemon]) -> None:
+    owner, a = daemons["owner"], daemons["a"]
+    owner.start()
+    a.start()
+    owner.cli("channel", "create", "lab")
+    a.cli("join", owner.cli("channel", "invite", "lab", "--roles", "all").strip())
+    assert a.stop() == 0
+    a.start()
+    peers = a.json("peers", "--wait-for", owner.node_id, "--timeout", "30")
+    assert [p["nodeId"] for p in peers] == [owner.node_id]
+    assert owner.stop() == 0
+    assert a.stop() == 0
