@@ -91,14 +91,21 @@ class StreamResult:
     value: Any
 
 
-def methods_of(control: object) -> dict[str, MethodSpec]:
-    """The method table for ``serve_api``: every ``@exposed`` method of ``control``, by name,
-    streaming if it is an async generator function."""
-    table = {}
-    for name in dir(type(control)):
-        func = getattr(control, name, None)
-        if callable(func) and getattr(func, _EXPOSED, False):
-            table[name] = MethodSpec(func, streams=inspect.isasyncgenfunction(func))
+def methods_of(*controls: object) -> dict[str, MethodSpec]:
+    """The method table for ``serve_api``: every ``@exposed`` method of the control objects
+    (the node and its services), by name, streaming if it is an async generator function.
+
+    Raises:
+        TypeError: two objects expose the same name (a bug in the daemon).
+    """
+    table: dict[str, MethodSpec] = {}
+    for control in controls:
+        for name in dir(type(control)):
+            func = getattr(control, name, None)
+            if callable(func) and getattr(func, _EXPOSED, False):
+                if name in table:
+                    raise TypeError(f"API method {name!r} is exposed twice")
+                table[name] = MethodSpec(func, streams=inspect.isasyncgenfunction(func))
     return table
 
 

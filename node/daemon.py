@@ -30,7 +30,6 @@ import trio
 from kachery.protocol.channel import Accepted, Announcement, Invite, parse_roles
 from kachery.protocol.errors import CloseCode, InvalidInput, KacheryError, RemoteProtocolError
 from kachery.protocol.messages import (
-    REQUIRED_ROLE,
     ChannelLeave,
     DocAnnounce,
     DocPush,
@@ -66,6 +65,7 @@ from .peer import (
     handshake_as_responder,
 )
 from .peer_manager import DIAL_INTERVAL, Backoff, DialTarget, plan_dials
+from .services import Service, build_services
 from .transport import DialError, Link, dial, listen
 
 log = logging.getLogger("kachery.node")
@@ -128,6 +128,7 @@ class Node:
         self.started_at = time.time()
         self.shutdown_requested = trio.Event()
         self._register_membership_handlers()
+        self.services: list[Service] = build_services(self)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -177,6 +178,8 @@ class Node:
             self.addresses = self._announce_config or default_addresses(self.listen_host, port)
             self._self_addresses = set(self.addresses) | {f"ws://127.0.0.1:{port}"}
             self._refresh_announcement()
+            for service in self.services:
+                await nursery.start(service.run)
             nursery.start_soon(self._dialer)
             nursery.start_soon(self._announcer)
             log.info(
@@ -442,7 +445,7 @@ class Node:
     def check(self, conn: PeerConnection, msg: Message) -> ErrorReply | None:
         request_id = getattr(msg, "id", 0)
         channel = getattr(msg, "channel", None)
-        if msg.TYPE not in REQUIRED_ROLE or msg.TYPE not in self._request_handlers:
+        if msg.TYPE not in self._request_handlers:
             return ErrorReply(
                 id=request_id,
                 code=ErrorCode.UNSUPPORTED,
@@ -454,7 +457,7 @@ class Node:
                 code=ErrorCode.NOT_A_MEMBER,
                 message="this session does not serve that channel",
             )
-        role = REQUIRED_ROLE[msg.TYPE]
+        role = msg.ROLE
         if role is not None and role not in self.membership.roles_of(channel, conn.node_id):
             return ErrorReply(
                 id=request_id,
@@ -832,7 +835,7 @@ async def serve_node(
         bound_api = await nursery.start(
             functools.partial(
                 serve_api,
-                methods_of(node),
+                methods_of(node, *node.services),
                 node_id=node.node_id,
                 token=token,
                 port=api_port,

@@ -7,8 +7,9 @@ reused: a retired message keeps its number, commented out. Each message class is
 ``UnknownMessage`` so that an older node can answer a newer one with an error instead of failing.
 
 Requests carry an ``id`` chosen by the sender; the reply (a response or an ``ErrorReply``)
-carries the same ``id``. Requests that act inside a channel carry ``channel``; the receiver checks
-the sender's roles in that channel before reading anything else (``REQUIRED_ROLE``).
+carries the same ``id``. Requests act inside a channel and carry ``channel``; the receiver checks
+the sender's membership and the role the request's class declares (``Message.ROLE``) before
+reading anything else. Services define their messages in their own modules with ``@message``.
 
 Non-goal: the handshake (session.py) and what nodes do with messages (node/).
 """
@@ -29,7 +30,10 @@ from .errors import CloseCode, LocalProtocolError, RemoteProtocolError
 
 
 class MsgType(IntEnum):
-    """Message type numbers. Never reuse a value."""
+    """Message type numbers. Never reuse a value.
+
+    Ranges: 1-9 session, 10-29 membership, 30-49 files, 50-69 feeds, 70-89 tasks.
+    """
 
     ERROR = 1
     PING = 2
@@ -42,6 +46,28 @@ class MsgType(IntEnum):
     PEER_LIST_REQUEST = 21
     PEER_LIST_RESPONSE = 22
     CHANNEL_LEAVE = 23
+    FIND_FILE = 30
+    FIND_FILE_RESPONSE = 31
+    GET_DATA = 32
+    GET_DATA_RESPONSE = 33
+    CANCEL_DATA = 34
+    FEED_SUBSCRIBE = 50
+    FEED_SUBSCRIBE_RESPONSE = 51
+    FEED_HAVE = 52
+    FEED_GET = 53
+    FEED_GET_RESPONSE = 54
+    FEED_PUSH = 55
+    FEED_UNSUBSCRIBE = 56
+    FEED_SUBMIT = 57
+    FEED_SUBMIT_RESPONSE = 58
+    TASK_REQUEST = 70
+    TASK_REQUEST_RESPONSE = 71
+    TASK_STATUS = 72
+    TASK_CLAIM = 73
+    TASK_CLAIM_RESPONSE = 74
+    TASK_RESULT = 75
+    TASK_LOOKUP = 76
+    TASK_LOOKUP_RESPONSE = 77
 
 
 class ErrorCode(StrEnum):
@@ -63,6 +89,8 @@ class Message:
     TYPE: ClassVar[MsgType]
     REPLY: ClassVar[bool] = False
     """True for responses: they answer the request whose ``id`` they carry."""
+    ROLE: ClassVar[Role | None] = None
+    """For requests: the role the sender needs in the request's channel (None: any member)."""
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -72,14 +100,24 @@ M = TypeVar("M", bound=Message)
 _REGISTRY: dict[int, type[Message]] = {}
 
 
-def message(msg_type: MsgType, *, reply: bool = False) -> typing.Callable[[type[M]], type[M]]:
-    """Class decorator: register a message class under its type number (``reply`` for answers)."""
+def message(
+    msg_type: MsgType, *, reply: bool = False, role: Role | None = None
+) -> typing.Callable[[type[M]], type[M]]:
+    """Class decorator: register a message class under its type number.
+
+    Args:
+        msg_type: its number on the wire.
+        reply: it answers a request (carries that request's ``id``).
+        role: for a request (a message with ``id`` and ``channel`` that is not a reply), the
+            role its sender needs in the channel; None means membership is enough.
+    """
 
     def register(cls: type[M]) -> type[M]:
         if msg_type in _REGISTRY:
             raise LocalProtocolError(f"message type {msg_type!r} registered twice")
         cls.TYPE = msg_type
         cls.REPLY = reply
+        cls.ROLE = role
         _REGISTRY[msg_type] = cls
         return cls
 
@@ -291,11 +329,6 @@ class ChannelLeave(Message):
     channel: str
 
 
-REQUIRED_ROLE: dict[MsgType, Role | None] = {
-    MsgType.DOC_REQUEST: None,  # any member
-    MsgType.PEER_LIST_REQUEST: None,
-}
-"""The role a peer needs, in the request's channel, for each request type it may send.
-
-``None``: membership is enough. A request type missing here is refused as unsupported.
-"""
+def is_request(msg: Message) -> bool:
+    """A request: it carries an ``id`` and expects a reply."""
+    return not msg.REPLY and hasattr(msg, "id")

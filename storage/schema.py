@@ -101,6 +101,20 @@ peers = Table(
 )
 
 
+downloads = Table(
+    "downloads",
+    metadata,
+    # A file being fetched from peers into <home>/partial/<sha1>.part.
+    Column("sha1", String(40), primary_key=True),
+    Column("manifest_sha1", String(40), nullable=True),
+    Column("size", BigInteger, nullable=False),
+    # One bit per manifest piece (piece i is bit i % 8 of byte i // 8): verified and written.
+    Column("verified", LargeBinary, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+
 def _v1_files_and_mutables(conn: Connection) -> None:
     files.create(conn)
     mutables.create(conn)
@@ -111,9 +125,15 @@ def _v2_channels_and_peers(conn: Connection) -> None:
         table.create(conn)
 
 
+def _v3_downloads(conn: Connection) -> None:
+    downloads.create(conn)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_files_and_mutables,
     _v2_channels_and_peers,
+    _v3_downloads,
+    # _v4 feeds and _v5 tasks come with their issues.
 ]
 """``MIGRATIONS[i]`` moves the schema from version ``i`` to ``i + 1``."""
 

@@ -1,0 +1,28 @@
+"""The services a node runs beside membership: files (chunk exchange), feeds, tasks.
+
+A service is built with the node, registers the peer requests and messages it answers
+(``node.on_request``, ``node.on_message``, ``node.on_data``), may run background tasks in the
+node's nursery (``run``), and exposes its local-API methods with ``@exposed``. ``build_services``
+is the one place that lists them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+if TYPE_CHECKING:
+    from .daemon import Node
+
+
+class Service(Protocol):
+    """What the node expects of a service."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start background work in the node's nursery; call ``task_status.started()``."""
+
+
+def build_services(node: Node) -> list[Service]:
+    """Create the node's services (each registers its handlers with ``node``)."""
+    return []
