@@ -147,10 +147,14 @@ class Node:
     def on_data(self, handler: DataHandler) -> None:
         self._data_handler = handler
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
         """Wake everyone waiting in ``wait_until`` (state changed)."""
         self._changed.set()
         self._changed = trio.Event()
+
+    def sessions_in(self, channel: str) -> list[PeerConnection]:
+        """Open sessions that serve ``channel``."""
+        return [c for c in self.connections.values() if channel in c.channels]
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait (without polling) until ``predicate()`` holds after some state change."""
@@ -365,7 +369,7 @@ class Node:
             conn.address,
             ", ".join(self.membership.name_of(c) for c in sorted(conn.channels)),
         )
-        self._notify()
+        self.notify()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._greet, conn)
@@ -380,7 +384,7 @@ class Node:
                 conn.close_code,
                 conn.close_reason or "",
             )
-            self._notify()
+            self.notify()
             self._wake_dialer.set()
 
     async def _greet(self, conn: PeerConnection) -> None:
@@ -552,7 +556,7 @@ class Node:
                 )
             elif channel in after and channel not in before:
                 await self._send_quietly(conn, self._announce_message(channel))
-        self._notify()
+        self.notify()
         self._wake_dialer.set()
 
     def _announce_message(self, channel: str, *, only_self: bool = False) -> PeerAnnounce:
@@ -596,7 +600,7 @@ class Node:
         for other in list(self.connections.values()):
             if other is not conn and msg.channel in other.channels:
                 await self._send_quietly(other, relay)
-        self._notify()
+        self.notify()
         self._wake_dialer.set()
 
     async def _on_peer_list_request(
@@ -688,7 +692,7 @@ class Node:
                 continue
             finally:
                 self._pending_join_names.pop(invite.invite_id, None)
-            self._notify()
+            self.notify()
             return self.membership.describe(invite.channel_id)
         if refused:
             raise NotPermitted("invite refused: " + "; ".join(errors))
