@@ -14,7 +14,8 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
@@ -24,6 +25,7 @@ from kachery.protocol.uri import FileURI, parse_file_uri
 from kachery.storage.errors import NotFound
 
 from .client import DaemonClient
+from .errors import DaemonNotRunning
 from .home import HOME_ENV, NodeHome, default_home
 from .progress import ProgressBar, format_bytes, format_duration
 
@@ -107,11 +109,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link", action="store_true", help="index files where they lie (no copy)")
     p.add_argument("--json", action="store_true", help="print a JSON line per file")
 
-    p = command("load", cmd_load, "copy a stored file out (or print its local path)")
+    p = command(
+        "load",
+        cmd_load,
+        "get a file: from this node's store, else from the channel (through the daemon)",
+        "Prints the file's local path, or copies it to DEST. A file not stored here is fetched\n"
+        "from every member that provides it, verified piece by piece; an interrupted load\n"
+        "resumes where it stopped.\n\n"
+        "examples:\n  kachery-node load sha1://4f2a...?manifest=9b1c... -o recording.dat\n"
+        "  kachery-node load sha1://4f2a... --from 1c9e77...   # only from that node",
+    )
     p.add_argument("uri", metavar="URI")
     p.add_argument("-o", "--output", metavar="DEST", help="file or directory to copy it to")
+    p.add_argument("--from", dest="from_node", metavar="NODE_ID", help="fetch only from this node")
+    p.add_argument(
+        "--json", action="store_true", help="print progress and the result as JSON lines"
+    )
 
-    p = command("cat", cmd_cat, "write a file's bytes (or a byte range) to stdout")
+    p = command("downloads", cmd_downloads, "list interrupted loads (run load again to resume)")
+    p.add_argument("--json", action="store_true", help="print one JSON array")
+
+    p = command("find", cmd_find, "list the connected members that provide a file")
+    p.add_argument("uri", metavar="URI")
+    p.add_argument("--json", action="store_true", help="print one JSON line per provider")
+
+    p = command(
+        "cat",
+        cmd_cat,
+        "write a file's bytes (or a byte range) to stdout; a range of a file that is not\n"
+        "stored here fetches only the pieces that cover it",
+    )
     p.add_argument("uri", metavar="URI")
     p.add_argument("--start", type=int, default=None, metavar="N", help="first byte (default 0)")
     p.add_argument("--end", type=int, default=None, metavar="M", help="byte after the last")
@@ -176,6 +203,13 @@ def _add_daemon_commands(
         default=DEFAULT_API_PORT,
         metavar="PORT",
         help="local API port on 127.0.0.1 (default %(default)s, kachery-daemon's)",
+    )
+    p.add_argument(
+        "--max-upload-rate",
+        type=_cli_type(parse_size, "rate"),
+        default=None,
+        metavar="BYTES",
+        help="cap on what this node serves to peers, per second, like 50M (default: no cap)",
     )
     p.add_argument(
         "--announce",
@@ -329,39 +363,125 @@ def cmd_store(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_load(args: argparse.Namespace, out: TextIO) -> int:
     home = NodeHome.open()
     uri = parse_file_uri(args.uri)
-    entry = home.files.require(uri)
+    located = home.files.locate(uri) or _fetch(uri, args.from_node, args.json, out)
+    path, lo, hi = located
     if args.output is None:
-        if uri.chunk_of is not None:
+        if (lo, hi) != (0, path.stat().st_size):
             raise InvalidInput("a chunk has no local file of its own: use -o DEST or 'cat'")
-        print(entry.path, file=out)
+        _print_result(args.json, out, {"event": "loaded", "path": str(path)}, str(path))
         return 0
     dest = Path(args.output)
     if dest.is_dir():
         dest = dest / (Path(uri.label).name or uri.sha1)
-    start, end = _byte_range(uri, entry.size, None, None)
-    bar = ProgressBar(f"copying {dest.name}", end - start)
-    blocks = home.files.iter_range(entry, start, end)
-    _write_file_atomically(dest, blocks, bar)
+    bar = ProgressBar(f"copying {dest.name}", hi - lo, enabled=None if not args.json else False)
+    _write_file_atomically(dest, _read_range(path, lo, hi), bar)
     bar.finish()
     if uri.chunk_of is not None:
         home.files.check_chunk(uri, dest.read_bytes())
-    print(dest, file=out)
+    _print_result(args.json, out, {"event": "loaded", "path": str(dest)}, str(dest))
+    return 0
+
+
+def cmd_downloads(args: argparse.Namespace, out: TextIO) -> int:
+    downloads = _daemon().call("file_downloads")
+    if args.json:
+        print(json.dumps(downloads), file=out)
+        return 0
+    for d in downloads:
+        state = "loading" if d["active"] else "interrupted"
+        size = format_bytes(d["size"])
+        print(
+            f"sha1://{d['sha1']}  {size}  {d['verifiedPieces']} pieces verified  {state}", file=out
+        )
+    return 0
+
+
+def cmd_find(args: argparse.Namespace, out: TextIO) -> int:
+    providers = _daemon().call("file_find", uri=args.uri)
+    for p in providers:
+        if args.json:
+            print(json.dumps(p), file=out)
+        else:
+            print(f"{p['nodeId']}  {p['channel']}  {format_bytes(p['size'])}", file=out)
+    if not providers and not args.json:
+        print(f"{PROG}: no connected member provides {args.uri}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_cat(args: argparse.Namespace, out: TextIO) -> int:
     home = NodeHome.open()
     uri = parse_file_uri(args.uri)
-    entry = home.files.require(uri)
-    start, end = _byte_range(uri, entry.size, args.start, args.end)
+    local = home.files.locate(uri)
+    if local is not None:
+        path, lo, hi = local
+        first, stop = _relative_range(args.start, args.end, hi - lo)
+        start, end = lo + first, lo + stop
+    else:
+        with _fetching(uri) as client:
+            answer = client.call(
+                "file_fetch_range", uri=str(uri), start=args.start or 0, end=args.end
+            )
+        path, start, end = Path(answer["path"]), answer["start"], answer["end"]
     sink = out.buffer if hasattr(out, "buffer") else None
-    for block in home.files.iter_range(entry, start, end):
+    for block in _read_range(path, start, end):
         if sink is not None:
             sink.write(block)
         else:
             out.write(block.decode("utf-8", errors="replace"))
     out.flush()
     return 0
+
+
+@contextmanager
+def _fetching(uri: FileURI) -> Iterator[DaemonClient]:
+    """A daemon client for fetching ``uri``, with the error a user needs if none runs."""
+    try:
+        yield _daemon()
+    except DaemonNotRunning:
+        raise NotFound(
+            f"{uri} is not stored on this node, and no daemon is running to fetch it from a"
+            " channel: start one with 'kachery-node start'"
+        ) from None
+
+
+def _fetch(
+    uri: FileURI, from_node: str | None, as_json: bool, out: TextIO
+) -> tuple[Path, int, int]:
+    """Fetch a file (or chunk) through the daemon, showing progress; where it landed."""
+    label = f"loading {uri.label or uri.sha1[:12]}"
+    bar = ProgressBar(label, None, enabled=None if not as_json else False)
+    with (
+        _fetching(uri) as client,
+        client.stream("file_load", uri=str(uri), from_node=from_node) as stream,
+    ):
+        for event in stream:
+            if as_json:
+                print(json.dumps({"event": "progress", **event}), file=out, flush=True)
+            else:
+                bar.total = event.get("total")
+                bar.extra = f"{event.get('providers', 0)} providers"
+                bar.update(int(event.get("done", 0)))
+        result = stream.result
+    bar.finish()
+    path = Path(result["path"])
+    return path, 0, int(result["size"])
+
+
+def _read_range(path: Path, start: int, end: int) -> Iterator[bytes]:
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        remaining = end - start
+        while remaining:
+            block = f.read(min(4 << 20, remaining))
+            if not block:
+                raise KacheryError(f"{path} ended before byte {end}")
+            remaining -= len(block)
+            yield block
+
+
+def _print_result(as_json: bool, out: TextIO, record: dict[str, Any], text: str) -> None:
+    print(json.dumps(record) if as_json else text, file=out)
 
 
 def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
@@ -457,6 +577,7 @@ def cmd_start(args: argparse.Namespace, out: TextIO) -> int:
         api_port=args.api_port,
         announce=args.announce,
         verbose=args.verbose,
+        max_upload_rate=args.max_upload_rate,
     )
     print(f"{PROG}: daemon stopped", file=sys.stderr)
     return 0
@@ -607,6 +728,25 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def parse_size(text: str) -> float:
+    """``50M`` (also ``500k``, ``1.5G``, ``2e6``, plain bytes) -> bytes; decimal units."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        try:
+            value = float(text)
+        except ValueError:
+            raise InvalidInput(f"{text!r} is not a size like 50M, 500k or 1.5G") from None
+    else:
+        value = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if value <= 0:
+        raise InvalidInput(f"{text!r} must be more than 0")
+    return value
+
+
 def parse_duration(text: str) -> float:
     """``30m``, ``12h``, ``7d`` (also ``s`` and ``w``) -> seconds; ``0`` -> 0, meaning never.
 
@@ -685,15 +825,12 @@ def _print_table(headers: list[str], rows: list[list[str]], out: TextIO) -> None
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def _byte_range(uri: FileURI, size: int, start: int | None, end: int | None) -> tuple[int, int]:
-    """The absolute ``[lo, hi)`` to read: a chunk URI's range (or the whole file), narrowed by
-    ``--start``/``--end``, which count from the beginning of that range."""
-    base, limit = (uri.chunk_of.start, uri.chunk_of.end) if uri.chunk_of else (0, size)
-    lo = base + (0 if start is None else start)
-    hi = limit if end is None else base + end
-    if not base <= lo <= hi <= limit:
-        shown = f"{0 if start is None else start}..{limit - base if end is None else end}"
-        raise InvalidInput(f"byte range {shown} is outside 0..{limit - base}")
+def _relative_range(start: int | None, end: int | None, size: int) -> tuple[int, int]:
+    """``--start``/``--end`` (from the start of the URI's bytes), checked against ``size``."""
+    lo = 0 if start is None else start
+    hi = size if end is None else end
+    if not 0 <= lo <= hi <= size:
+        raise InvalidInput(f"byte range {lo}..{hi} is outside 0..{size}")
     return lo, hi
 
 

@@ -13,6 +13,7 @@ another machine: the API listens on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import logging
@@ -24,7 +25,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import kachery.node.errors
 import kachery.protocol.errors
 import kachery.storage.errors
 from kachery.protocol.errors import KacheryError
@@ -386,7 +386,7 @@ def _error_from(method: str, item: dict[str, Any], status: int) -> KacheryError:
     if not isinstance(error, dict) or not isinstance(error.get("message"), str):
         return NodeError(f"the daemon failed {method} (HTTP {status}) without saying why")
     message: str = error["message"]
-    cls = _ERROR_CLASSES.get(str(error.get("type")))
+    cls = _error_classes().get(str(error.get("type")))
     if cls is not None:
         try:
             return cls(message)
@@ -395,14 +395,14 @@ def _error_from(method: str, item: dict[str, Any], status: int) -> KacheryError:
     return NodeError(message)
 
 
+@functools.cache
 def _error_classes() -> dict[str, type[KacheryError]]:
+    """Error classes by name: an error the daemon reports is re-raised as the same class."""
+    from . import errors as node_errors  # here: kachery.node imports this module while loading
+
     found: dict[str, type[KacheryError]] = {}
-    for module in (kachery.protocol.errors, kachery.storage.errors, kachery.node.errors):
+    for module in (kachery.protocol.errors, kachery.storage.errors, node_errors):
         for name, value in vars(module).items():
             if isinstance(value, type) and issubclass(value, KacheryError):
                 found[name] = value
     return found
-
-
-_ERROR_CLASSES = _error_classes()
-"""Error classes by name: an error the daemon reports is re-raised as the same class."""

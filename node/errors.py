@@ -33,3 +33,14 @@ class Unavailable(NodeError):
 
 class DaemonNotRunning(NodeError):
     """No ``kachery-node`` daemon answers for this node home (no daemon.json, or refused)."""
+
+
+def lone_error(exc: BaseException) -> BaseException:
+    """The single exception inside nested one-member exception groups (else ``exc`` itself).
+
+    Trio's nurseries wrap what escapes them in exception groups; at the boundary of a function
+    that used a nursery internally, a lone error is re-raised as itself.
+    """
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

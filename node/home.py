@@ -24,6 +24,7 @@ from kachery.protocol.identity import SEED_BYTES, KeyPair
 from kachery.storage.blobstore import BlobStore
 from kachery.storage.channels import Channels
 from kachery.storage.db import Database, sqlite_url
+from kachery.storage.downloads import Downloads
 from kachery.storage.files import LocalFiles
 from kachery.storage.mutables import Mutables
 
@@ -99,6 +100,10 @@ class NodeHome:
     @cached_property
     def mutables(self) -> Mutables:
         return Mutables(self.database)
+
+    @cached_property
+    def downloads(self) -> Downloads:
+        return Downloads(self.database, self.path / "store")
 
     @cached_property
     def channels(self) -> Channels:

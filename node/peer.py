@@ -8,7 +8,8 @@ M1..M4 over a ``Link`` within HANDSHAKE_TIMEOUT. ``PeerConnection.run`` then run
   then handled in their own task, at most MAX_CONCURRENT_REQUESTS at once (more are answered
   ``busy``); a protocol error closes this session only, with its close code;
 - the writer encrypts and sends, always emptying the control queue before it sends the next bulk
-  data frame, so a bulk transfer never starves gossip and requests on the same session;
+  data frame, so a bulk transfer never starves gossip and requests on the same session (the
+  reply that closes a bulk transfer travels in the bulk queue, behind its frames);
 - the keepalive pings and closes a session whose peer stopped answering.
 
 Non-goal: deciding who may connect or what a request means (membership.py, the services).
@@ -16,6 +17,7 @@ Non-goal: deciding who may connect or what a request means (membership.py, the s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -250,9 +252,9 @@ class PeerConnection:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._control_send, self._control_recv = trio.open_memory_channel[Message](CONTROL_QUEUE)
-        self._bulk_send, self._bulk_recv = trio.open_memory_channel[tuple[int, int, bytes]](
-            BULK_QUEUE
-        )
+        self._bulk_send, self._bulk_recv = trio.open_memory_channel[
+            tuple[int, int, bytes | memoryview] | Message
+        ](BULK_QUEUE)
         self._work = trio.Event()
         self._last_heard = time.monotonic()
         self._busy = trio.Semaphore(MAX_CONCURRENT_REQUESTS)
@@ -364,7 +366,12 @@ class PeerConnection:
             reply = ErrorReply(id=request_id, code=ErrorCode.INTERNAL, message="internal error")
         finally:
             self._busy.release()
-        self._queue_control(reply)
+        if reply.AFTER_DATA:
+            with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                await self._bulk_send.send(reply)
+            self._work.set()
+        else:
+            self._queue_control(reply)
 
     async def _handle_message(self, msg: Message) -> None:
         try:
@@ -382,11 +389,14 @@ class PeerConnection:
                 await self._send_frame(self.session.send_message(msg))
                 continue
             try:
-                stream, offset, payload = self._bulk_recv.receive_nowait()
+                item = self._bulk_recv.receive_nowait()
             except trio.WouldBlock:
                 pass
             else:
-                await self._send_frame(self.session.send_data(stream, offset, payload))
+                if isinstance(item, Message):  # a reply that closes a bulk transfer
+                    await self._send_frame(self.session.send_message(item))
+                else:
+                    await self._send_frame(self.session.send_data(*item))
                 continue
             self._work = trio.Event()
             await self._work.wait()
@@ -429,7 +439,7 @@ class PeerConnection:
             raise Unavailable(f"the session with {self.node_id[:16]}... is closed")
         self._queue_control(msg)
 
-    async def send_data(self, stream: int, offset: int, payload: bytes) -> None:
+    async def send_data(self, stream: int, offset: int, payload: bytes | memoryview) -> None:
         """Send a bulk data block; waits while the writer is BULK_QUEUE blocks behind."""
         if self.closed.is_set():
             raise Unavailable(f"the session with {self.node_id[:16]}... is closed")

@@ -8,7 +8,7 @@ is the one place that lists them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -19,10 +19,18 @@ if TYPE_CHECKING:
 class Service(Protocol):
     """What the node expects of a service."""
 
+    name: str
+    """Its key in ``kachery-node status`` (``files``, ``feeds``, ``tasks``)."""
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start background work in the node's nursery; call ``task_status.started()``."""
+
+    def statistics(self) -> dict[str, Any]:
+        """Counters for ``kachery-node status`` (trio's ``statistics()`` convention)."""
 
 
 def build_services(node: Node) -> list[Service]:
     """Create the node's services (each registers its handlers with ``node``)."""
-    return []
+    from .files import FileService
+
+    return [FileService(node, max_upload_rate=node.max_upload_rate)]

@@ -91,6 +91,8 @@ class Message:
     """True for responses: they answer the request whose ``id`` they carry."""
     ROLE: ClassVar[Role | None] = None
     """For requests: the role the sender needs in the request's channel (None: any member)."""
+    AFTER_DATA: ClassVar[bool] = False
+    """Sent in order behind bulk data frames (not ahead of them, as control messages are)."""
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -101,7 +103,7 @@ _REGISTRY: dict[int, type[Message]] = {}
 
 
 def message(
-    msg_type: MsgType, *, reply: bool = False, role: Role | None = None
+    msg_type: MsgType, *, reply: bool = False, role: Role | None = None, after_data: bool = False
 ) -> typing.Callable[[type[M]], type[M]]:
     """Class decorator: register a message class under its type number.
 
@@ -110,6 +112,7 @@ def message(
         reply: it answers a request (carries that request's ``id``).
         role: for a request (a message with ``id`` and ``channel`` that is not a reply), the
             role its sender needs in the channel; None means membership is enough.
+        after_data: the message closes a bulk transfer and must not overtake its data frames.
     """
 
     def register(cls: type[M]) -> type[M]:
@@ -118,6 +121,7 @@ def message(
         cls.TYPE = msg_type
         cls.REPLY = reply
         cls.ROLE = role
+        cls.AFTER_DATA = after_data
         _REGISTRY[msg_type] = cls
         return cls
 

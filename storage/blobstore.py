@@ -118,6 +118,21 @@ class BlobStore:
             temp.commit(final)
         return result
 
+    def adopt(self, path: Path, sha1: str) -> Path:
+        """Move a verified file (on this filesystem, e.g. a finished download) into place.
+
+        The caller has checked that its bytes hash to ``sha1``; this only renames.
+        """
+        final = self.blob_path(sha1)
+        _makedirs(final.parent)
+        os.replace(path, final)
+        dir_fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return final
+
     def write_bytes(self, data: bytes) -> HashResult:
         """Store in-memory bytes (manifests, JSON values)."""
         return self.ingest(io.BytesIO(data), expected_size=len(data))

@@ -212,6 +212,18 @@ class LocalFiles:
             raise NotFound(f"{uri} asks for bytes past the end of a {entry.size}-byte file")
         return entry
 
+    def locate(self, uri: FileURI) -> tuple[Path, int, int] | None:
+        """Where the bytes a URI names are on this node: (file, start, end), or None.
+
+        A chunk URI is read from the whole file if it is here, else from the chunk's own blob.
+        """
+        if uri.chunk_of is not None:
+            whole = self.get(uri.chunk_of.file_sha1)
+            if whole is not None and uri.chunk_of.end <= whole.size:
+                return whole.path, uri.chunk_of.start, uri.chunk_of.end
+        entry = self.get(uri.sha1)
+        return None if entry is None else (entry.path, 0, entry.size)
+
     def manifest(self, entry: FileEntry) -> Manifest | None:
         """The manifest of a large file (loaded from its blob), or None for small files."""
         if entry.manifest_sha1 is None:

@@ -1,15 +1,10 @@
-"""Channels between real nodes: real websockets on 127.0.0.1, separate homes, one Trio loop.
-
-Nothing here sleeps to wait: tests wait on ``Node.wait_until`` (woken by state changes), with a
-generous ``fail_after`` so a broken build fails instead of hanging.
-"""
+"""Channels between real nodes: real websockets on 127.0.0.1, separate homes, one Trio loop."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,62 +12,13 @@ import trio
 
 from kachery.node.daemon import Node
 from kachery.node.errors import NotPermitted
-from kachery.node.home import NodeHome
 from kachery.node.peer import HandshakeFailed
 from kachery.node.transport import DialError, LinkClosed, dial
 from kachery.protocol import CloseCode, InvalidInput, KeyPair
 from kachery.protocol.channel import Invite, Role
 from kachery.protocol.messages import DocRequest, DocResponse
 
-WAIT = 20  # seconds: a safety net, never a pacing device
-
-
-class Swarm:
-    def __init__(self, nursery: trio.Nursery, base: Path) -> None:
-        self.nursery = nursery
-        self.base = base
-        self.scopes: dict[str, trio.CancelScope] = {}
-
-    async def start(self, name: str) -> Node:
-        home, _ = NodeHome.init(self.base / name)
-        node = Node(home, listen_host="127.0.0.1", listen_port=0)
-        scope = trio.CancelScope()
-
-        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                await node.run(task_status=task_status)
-
-        await self.nursery.start(run)
-        self.scopes[name] = scope
-        return node
-
-    def stop(self, name: str) -> None:
-        self.scopes.pop(name).cancel()
-
-
-@asynccontextmanager
-async def swarm(tmp_path: Path) -> AsyncIterator[Swarm]:
-    async with trio.open_nursery() as nursery:
-        yield Swarm(nursery, tmp_path)
-        nursery.cancel_scope.cancel()
-
-
-async def wait(node: Node, predicate: Callable[[], bool]) -> None:
-    with trio.fail_after(WAIT):
-        await node.wait_until(predicate)
-
-
-async def lab(s: Swarm, roles: str = "all") -> tuple[Node, Node, Node, str]:
-    """An owner and two members who joined by invite."""
-    owner = await s.start("owner")
-    info = await owner.channel_create("lab")
-    channel = info["channelId"]
-    a = await s.start("a")
-    b = await s.start("b")
-    for node in (a, b):
-        token = (await owner.channel_invite("lab", roles.split(",")))["token"]
-        await node.channel_join(token)
-    return owner, a, b, channel
+from .swarm import WAIT, lab, swarm, wait
 
 
 async def test_invited_nodes_join_share_one_document_and_find_each_other(tmp_path: Path) -> None:

@@ -1,0 +1,828 @@
+"""The chunk exchange on a node: serving files to peers, finding them, downloading them.
+
+Serving. A ``FindFile`` is answered from the local index; a ``GetData`` streams the range as
+bulk data frames read from the stored (or linked) file, at most MAX_UPLOADS_PER_PEER at once
+per peer and MAX_UPLOADS in total, optionally capped at ``max_upload_rate`` bytes/s (the
+writer of each session sends control messages first, so uploads never starve gossip).
+
+Finding. ``find`` asks every session whose peer has ``provideFiles`` in a channel where this
+node has ``requestFiles``; positive answers are cached for FIND_CACHE_SECONDS.
+
+Downloading. ``download`` fetches a file piece by piece (kachery's 20,000,000-byte manifest
+pieces; a small file is one piece) from every provider at once, following ``DownloadPlan``.
+Each piece arrives into memory, is hashed in a worker thread, and only if it matches the
+manifest is it written in place into the one partial file, fdatasync'ed, and recorded as
+verified; so an interrupted download resumes without fetching a verified piece again. While
+pieces arrive, a background task hashes the verified prefix of the partial file, so the
+whole-file SHA-1 is known moments after the last piece; only if it matches the URI does the
+file land in the blob store (a rename). A provider that sends a piece failing verification is
+dropped for the file and penalised; one that disappears is replaced by the others.
+
+Non-goal: the wire format and the plan (kachery.protocol.files), the blob store (storage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from kachery.protocol.channel import Role
+from kachery.protocol.errors import CloseCode, InvalidInput, KacheryError
+from kachery.protocol.files import (
+    DATA_FRAME_BYTES,
+    MAX_GET_BYTES,
+    CancelData,
+    DownloadPlan,
+    FindFile,
+    FindFileResponse,
+    GetData,
+    GetDataResponse,
+    Piece,
+    pieces_of,
+)
+from kachery.protocol.manifest import HashResult, Manifest
+from kachery.protocol.messages import MsgType
+from kachery.protocol.session import DataReceived
+from kachery.protocol.uri import FileURI, parse_file_uri
+from kachery.storage.errors import NotFound
+from kachery.storage.files import FileEntry
+
+from .api import StreamResult, exposed
+from .errors import NotPermitted, Unavailable, lone_error
+from .peer import PeerConnection, RequestFailed
+
+if TYPE_CHECKING:
+    from .daemon import Node
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOADS = 16
+"""Ranges served at once by this node, to everyone."""
+
+MAX_UPLOADS_PER_PEER = 4
+"""Ranges served at once to one peer (a downloader asks for at most 2 per provider)."""
+
+READ_BLOCK = 4 * 1024 * 1024
+"""Bytes read from disk per worker-thread call when serving (16 frames)."""
+
+FIND_TIMEOUT = 5.0
+"""Seconds to wait for one peer's answer to FindFile."""
+
+FIND_WAIT = 10.0
+"""Seconds to wait for a provider to be connected before saying a file is not in the channel."""
+
+FIND_CACHE_SECONDS = 10.0
+"""How long answers to FindFile are reused."""
+
+STALL_SECONDS = 30.0
+"""A piece request that receives nothing for this long is abandoned (the provider stalled)."""
+
+PENALTY_LIMIT = 3
+"""Corrupt pieces from one peer after which its session is closed."""
+
+PROGRESS_SECONDS = 0.25
+"""Interval of progress events of a streaming load."""
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """A peer that answered FindFile: it serves the file in ``channel``."""
+
+    node_id: str
+    channel: str
+    size: int
+    manifest_sha1: str | None
+
+
+class TokenBucket:
+    """A bytes-per-second cap shared by all uploads (``kachery-node start --max-upload-rate``)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._tokens = rate / 10
+        self._stamp = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        now = time.monotonic()
+        self._tokens = min(self.rate / 10, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        self._tokens -= n
+        if self._tokens < 0:
+            await trio.sleep(-self._tokens / self.rate)
+
+
+class _Receiver:
+    """One piece request in flight: frames land in ``buffer``."""
+
+    def __init__(self, piece: Piece, buffer: bytearray) -> None:
+        self.piece = piece
+        self.buffer = buffer
+        self.received = 0
+        self.last_data = time.monotonic()
+        self.error = ""
+
+    def put(self, offset: int, payload: memoryview) -> None:
+        at = offset - self.piece.start
+        if at < 0 or at + len(payload) > self.piece.size:
+            self.error = f"sent bytes at {offset} outside the requested piece"
+            return
+        self.buffer[at : at + len(payload)] = payload
+        self.received += len(payload)
+        self.last_data = time.monotonic()
+
+
+class FileService:
+    """Files over the network, for one node."""
+
+    name = "files"
+
+    def __init__(self, node: Node, *, max_upload_rate: float | None = None) -> None:
+        self.node = node
+        self.files = node.home.files
+        self.downloads = node.home.downloads
+        self._uploads = trio.Semaphore(MAX_UPLOADS)
+        self._uploads_per_peer: dict[str, trio.Semaphore] = {}
+        self._cancelled: set[tuple[str, int]] = set()
+        self._receivers: dict[tuple[str, int], _Receiver] = {}
+        self._streams = itertools.count(1)
+        self._find_cache: dict[str, tuple[float, list[Provider]]] = {}
+        self._penalties: dict[str, int] = {}
+        self._active: dict[str, trio.Event] = {}
+        self.limiter = None if not max_upload_rate else TokenBucket(max_upload_rate)
+        self.find_wait = FIND_WAIT
+        self.bytes_uploaded = 0
+        node.on_request(MsgType.FIND_FILE, self._on_find)
+        node.on_request(MsgType.GET_DATA, self._on_get_data)
+        node.on_message(MsgType.CANCEL_DATA, self._on_cancel)
+        node.on_data(self._on_data)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+
+    # -- serving -------------------------------------------------------------------------------
+
+    def _require_provide(self, channel: str) -> None:
+        if Role.PROVIDE_FILES not in self.node.membership.roles_of(channel, self.node.node_id):
+            name = self.node.membership.name_of(channel)
+            raise NotPermitted(f"this node does not provide files in channel {name}")
+
+    async def _on_find(self, conn: PeerConnection, msg: FindFile) -> FindFileResponse:
+        if Role.PROVIDE_FILES not in self.node.membership.roles_of(msg.channel, self.node.node_id):
+            return FindFileResponse(id=msg.id, has=False)
+        entry = await self.node.run_sync(self.files.get, msg.sha1)
+        if entry is None:
+            return FindFileResponse(id=msg.id, has=False)
+        return FindFileResponse(
+            id=msg.id, has=True, size=entry.size, manifest_sha1=entry.manifest_sha1
+        )
+
+    async def _on_get_data(self, conn: PeerConnection, msg: GetData) -> GetDataResponse:
+        self._require_provide(msg.channel)
+        entry: FileEntry | None = await self.node.run_sync(self.files.get, msg.sha1)
+        if entry is None:
+            raise NotFound(f"sha1://{msg.sha1} is not stored on this node")
+        if msg.end > entry.size:
+            raise InvalidInput(f"range end {msg.end} is past the file's {entry.size} bytes")
+        per_peer = self._uploads_per_peer.setdefault(
+            conn.node_id, trio.Semaphore(MAX_UPLOADS_PER_PEER)
+        )
+        key = (conn.node_id, msg.stream)
+        sent = 0
+        async with self._uploads, per_peer:
+            fd = await trio.to_thread.run_sync(os.open, entry.path, os.O_RDONLY)
+            try:
+                position = msg.start
+                while position < msg.end and key not in self._cancelled:
+                    n = min(READ_BLOCK, msg.end - position)
+                    block = await trio.to_thread.run_sync(os.pread, fd, n, position)
+                    if len(block) != n:
+                        raise NotFound(f"sha1://{msg.sha1} shrank on disk while being served")
+                    view = memoryview(block)
+                    for at in range(0, n, DATA_FRAME_BYTES):
+                        if key in self._cancelled:
+                            break
+                        frame = view[at : at + DATA_FRAME_BYTES]
+                        if self.limiter is not None:
+                            await self.limiter.take(len(frame))
+                        await conn.send_data(msg.stream, position + at, frame)
+                        sent += len(frame)
+                    position += n
+            finally:
+                os.close(fd)
+        self._cancelled.discard(key)
+        self.bytes_uploaded += sent
+        log.debug("served %d bytes of %s to %s...", sent, msg.sha1[:12], conn.node_id[:12])
+        return GetDataResponse(id=msg.id, sent=sent)
+
+    async def _on_cancel(self, conn: PeerConnection, msg: CancelData) -> None:
+        self._cancelled.add((conn.node_id, msg.stream))
+
+    async def _on_data(self, conn: PeerConnection, event: DataReceived) -> None:
+        receiver = self._receivers.get((conn.node_id, event.stream))
+        if receiver is not None:
+            receiver.put(event.offset, event.payload)
+
+    # -- finding -------------------------------------------------------------------------------
+
+    def _asking_channels(self, conn: PeerConnection) -> list[str]:
+        """Channels in which this node may ask ``conn``'s peer for files."""
+        m = self.node.membership
+        return [
+            c
+            for c in sorted(conn.channels)
+            if Role.REQUEST_FILES in m.roles_of(c, self.node.node_id)
+            and Role.PROVIDE_FILES in m.roles_of(c, conn.node_id)
+        ]
+
+    def _check_may_request(self) -> None:
+        m = self.node.membership
+        if not any(
+            Role.REQUEST_FILES in m.roles_of(c, self.node.node_id) for c in m.active_channels()
+        ):
+            raise NotPermitted(
+                "not permitted: this node lacks role requestFiles in every channel it is in"
+            )
+
+    async def find(
+        self, sha1: str, *, only: str | None = None, refresh: bool = False
+    ) -> list[Provider]:
+        """Providers of a file among connected peers (waiting up to FIND_WAIT for one).
+
+        Raises:
+            NotPermitted: this node may not request files in any channel.
+        """
+        self._check_may_request()
+        cached = self._find_cache.get(sha1)
+        if cached is not None and not refresh and time.monotonic() - cached[0] < FIND_CACHE_SECONDS:
+            found = cached[1]
+        else:
+            found = await self._ask_all(sha1)
+            if not found:
+                with trio.move_on_after(self.find_wait):
+                    asked = set(self._candidates())
+                    await self.node.wait_until(lambda: bool(set(self._candidates()) - asked))
+                    found = await self._ask_all(sha1)
+            if found:  # "nobody has it" is never cached: a provider may connect any moment
+                self._find_cache[sha1] = (time.monotonic(), found)
+        if only is not None:
+            found = [p for p in found if p.node_id == only]
+        return [p for p in found if self._penalties.get(p.node_id, 0) < PENALTY_LIMIT]
+
+    def _candidates(self) -> list[str]:
+        return [n for n, conn in self.node.connections.items() if self._asking_channels(conn)]
+
+    async def _ask_all(self, sha1: str) -> list[Provider]:
+        found: list[Provider] = []
+
+        async def ask(conn: PeerConnection, channel: str) -> None:
+            try:
+                reply = await conn.request(
+                    FindFile(id=0, channel=channel, sha1=sha1), reply_timeout=FIND_TIMEOUT
+                )
+            except Unavailable as exc:
+                current = self.node.connections.get(conn.node_id)
+                if current is not None and current is not conn:  # the session was replaced
+                    await ask(current, channel)
+                else:
+                    log.debug("FindFile to %s...: %s", conn.node_id[:16], exc)
+                return
+            except KacheryError as exc:
+                log.debug("FindFile to %s...: %s", conn.node_id[:16], exc)
+                return
+            if isinstance(reply, FindFileResponse) and reply.has and reply.size is not None:
+                found.append(Provider(conn.node_id, channel, reply.size, reply.manifest_sha1))
+
+        async with trio.open_nursery() as nursery:
+            for conn in list(self.node.connections.values()):
+                channels = self._asking_channels(conn)
+                if channels:
+                    nursery.start_soon(ask, conn, channels[0])
+        return sorted(found, key=lambda p: p.node_id)
+
+    def _not_found(self, uri: FileURI) -> NotFound:
+        channels = ", ".join(
+            self.node.membership.name_of(c) for c in self.node.membership.active_channels()
+        )
+        asked = len(self._candidates())
+        return NotFound(
+            f"{uri} was not found in channel {channels or '(none)'}: none of the {asked} connected"
+            " peers that provide files has it"
+        )
+
+    # -- fetching bytes ------------------------------------------------------------------------
+
+    async def _fetch(
+        self, provider: Provider, sha1: str, piece: Piece, buffer: bytearray
+    ) -> _Receiver:
+        """Ask ``provider`` for ``piece`` of ``sha1``; return when all its bytes arrived.
+
+        Raises:
+            Unavailable, NotPermitted, RequestFailed: it did not deliver (the message says why).
+        """
+        conn = self.node.connections.get(provider.node_id)
+        if conn is None:
+            raise Unavailable(f"{provider.node_id[:16]}... is no longer connected")
+        stream = next(self._streams)
+        receiver = _Receiver(piece, buffer)
+        self._receivers[(conn.node_id, stream)] = receiver
+        request = GetData(
+            id=0,
+            channel=provider.channel,
+            sha1=sha1,
+            start=piece.start,
+            end=piece.end,
+            stream=stream,
+        )
+        try:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch_stall, receiver, nursery.cancel_scope)
+                    try:
+                        await conn.request(request, reply_timeout=float("inf"))
+                    finally:
+                        nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                raise lone_error(group) from None
+        except trio.Cancelled:
+            with trio.CancelScope(shield=True):
+                await self._send_cancel(conn, stream)
+            raise
+        finally:
+            del self._receivers[(conn.node_id, stream)]
+        if receiver.error:
+            raise RequestFailed("bad-data", f"{conn.node_id[:16]}... {receiver.error}")
+        if receiver.received != piece.size:
+            raise Unavailable(
+                f"{conn.node_id[:16]}... sent {receiver.received} of {piece.size} bytes"
+                + (" (stalled)" if time.monotonic() - receiver.last_data >= STALL_SECONDS else "")
+            )
+        return receiver
+
+    async def _watch_stall(self, receiver: _Receiver, scope: trio.CancelScope) -> None:
+        while True:
+            await trio.sleep(STALL_SECONDS / 3)
+            if time.monotonic() - receiver.last_data >= STALL_SECONDS:
+                scope.cancel()
+                return
+
+    async def _send_cancel(self, conn: PeerConnection, stream: int) -> None:
+        with contextlib.suppress(Unavailable):
+            await conn.send(CancelData(stream=stream))
+
+    def _penalise(self, node_id: str, reason: str) -> None:
+        count = self._penalties[node_id] = self._penalties.get(node_id, 0) + 1
+        log.warning("%s... %s (offence %d)", node_id[:16], reason, count)
+        conn = self.node.connections.get(node_id)
+        if count >= PENALTY_LIMIT and conn is not None:
+            self.node.nursery.start_soon(
+                conn.close, CloseCode.PROTOCOL_ERROR, "sent corrupt data repeatedly"
+            )
+
+    # -- downloading ---------------------------------------------------------------------------
+
+    async def download(
+        self,
+        uri: FileURI,
+        *,
+        only: str | None = None,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> FileEntry:
+        """Fetch a whole file (or a chunk URI's bytes) into the store; returns its entry.
+
+        Raises:
+            NotFound: no connected peer provides it (after a bounded wait).
+            NotPermitted: this node may not request files, or a provider refused.
+            Unavailable: every provider went away; verified pieces are kept for next time.
+        """
+        if uri.chunk_of is not None:
+            return await self._download_chunk(uri, only)
+        entry = await self.node.run_sync(self.files.get, uri.sha1)
+        if entry is not None:
+            return entry
+        while uri.sha1 in self._active:  # someone is fetching it already: wait for them
+            await self._active[uri.sha1].wait()
+            entry = await self.node.run_sync(self.files.get, uri.sha1)
+            if entry is not None:
+                return entry
+        done = self._active[uri.sha1] = trio.Event()
+        try:
+            entry = await self._download(uri, only, progress)
+        finally:
+            del self._active[uri.sha1]
+            done.set()
+        assert entry is not None  # a whole-file download lands or raises
+        return entry
+
+    async def _download(
+        self,
+        uri: FileURI,
+        only: str | None,
+        progress: Callable[[dict[str, Any]], None] | None,
+        byte_range: tuple[int, int] | None = None,
+    ) -> FileEntry | None:
+        providers = await self.find(uri.sha1, only=only)
+        if not providers:
+            raise self._not_found(uri)
+        size = providers[0].size
+        manifest_sha1 = uri.manifest_sha1 or providers[0].manifest_sha1
+        manifest = None
+        if manifest_sha1 is not None:
+            manifest = await self._manifest(manifest_sha1, only)
+            if manifest.sha1 != uri.sha1:
+                raise InvalidInput(
+                    f"the manifest of {uri} describes another file ({manifest.sha1})"
+                )
+            size = manifest.size
+        pieces = pieces_of(size, uri.sha1, manifest)
+        record = await self.node.run_sync(
+            self.downloads.begin, uri.sha1, manifest_sha1, size, len(pieces)
+        )
+        wanted = None
+        if byte_range is not None:
+            wanted = {p.index for p in pieces if p.start < byte_range[1] and p.end > byte_range[0]}
+            if len(wanted) == len(pieces):
+                wanted = None
+        plan = DownloadPlan(pieces, set(record.verified), [p.node_id for p in providers], wanted)
+        run = _Download(self, uri, size, manifest, plan, {p.node_id: p for p in providers}, only)
+        return await run.run(progress)
+
+    async def fetch_range(self, uri: FileURI, start: int, end: int | None) -> tuple[Path, int, int]:
+        """Make the bytes ``[start, end)`` of a file readable on this node, fetching only the
+        pieces that cover them (verified, into the partial file) unless it is stored here.
+
+        ``start`` and ``end`` count from the beginning of the URI's bytes (of the chunk, for a
+        chunk URI). Returns the file to read, and the absolute range in it.
+        """
+        entry: FileEntry | None
+        if uri.chunk_of is not None:
+            entry = await self.download(uri)
+        else:
+            entry = await self.node.run_sync(self.files.get, uri.sha1)
+        if entry is not None:
+            lo, hi = _check_range(start, end, entry.size)
+            return entry.path, lo, hi
+        providers = await self.find(uri.sha1)
+        if not providers:
+            raise self._not_found(uri)
+        lo, hi = _check_range(start, end, providers[0].size)
+        landed = await self._download_once(uri, (lo, hi))
+        if landed is not None:
+            return landed.path, lo, hi
+        return self.downloads.partial_path(uri.sha1), lo, hi
+
+    async def _download_once(
+        self, uri: FileURI, byte_range: tuple[int, int] | None
+    ) -> FileEntry | None:
+        while uri.sha1 in self._active:
+            await self._active[uri.sha1].wait()
+        entry = await self.node.run_sync(self.files.get, uri.sha1)
+        if entry is not None:
+            return entry
+        done = self._active[uri.sha1] = trio.Event()
+        try:
+            return await self._download(uri, None, None, byte_range)
+        finally:
+            del self._active[uri.sha1]
+            done.set()
+
+    async def _manifest(self, manifest_sha1: str, only: str | None) -> Manifest:
+        entry = await self.node.run_sync(self.files.get, manifest_sha1)
+        if entry is None:
+            entry = await self.download(FileURI(sha1=manifest_sha1), only=only)
+        assert entry is not None
+        data = await trio.to_thread.run_sync(entry.path.read_bytes)
+        return Manifest.from_json_bytes(data, expected_sha1=manifest_sha1)
+
+    async def _download_chunk(self, uri: FileURI, only: str | None) -> FileEntry:
+        chunk = uri.chunk_of
+        assert chunk is not None
+        entry = await self.node.run_sync(self.files.get, uri.sha1)
+        if entry is not None:
+            return entry
+        size = chunk.end - chunk.start
+        if size > MAX_GET_BYTES:
+            raise InvalidInput(f"a chunk URI names at most {MAX_GET_BYTES} bytes, not {size}")
+        providers = await self.find(chunk.file_sha1, only=only)
+        if not providers:
+            raise self._not_found(uri)
+        piece = Piece(0, chunk.start, chunk.end, uri.sha1)
+        errors = []
+        for provider in providers:
+            try:
+                receiver = await self._fetch(provider, chunk.file_sha1, piece, bytearray(size))
+            except KacheryError as exc:
+                errors.append(str(exc))
+                continue
+            data = bytes(receiver.buffer)
+            if await trio.to_thread.run_sync(_sha1, data) != uri.sha1:
+                self._penalise(
+                    provider.node_id, f"sent a chunk of {chunk.file_sha1} that fails its hash"
+                )
+                continue
+            return await self.node.run_sync(self.files.store_bytes, data)
+        raise Unavailable(f"could not fetch {uri}: " + "; ".join(errors or ["corrupt data"]))
+
+    # -- local API -----------------------------------------------------------------------------
+
+    @exposed
+    async def file_find(self, uri: str) -> list[dict[str, Any]]:
+        """Which connected peers provide a file."""
+        parsed = parse_file_uri(uri)
+        sha1 = parsed.chunk_of.file_sha1 if parsed.chunk_of else parsed.sha1
+        providers = await self.find(sha1, refresh=True)
+        return [
+            {
+                "nodeId": p.node_id,
+                "channel": self.node.membership.name_of(p.channel),
+                "size": p.size,
+                "manifestSha1": p.manifest_sha1,
+            }
+            for p in providers
+        ]
+
+    @exposed
+    async def file_load(
+        self, uri: str, from_node: str | None = None
+    ) -> AsyncIterator[dict[str, Any] | StreamResult]:
+        """Fetch a file into the store, streaming progress events; the result names its path."""
+        parsed = parse_file_uri(uri)
+        send, receive = trio.open_memory_channel[dict[str, Any]](64)
+        result: list[FileEntry] = []
+
+        def progress(event: dict[str, Any]) -> None:
+            with contextlib.suppress(trio.WouldBlock):  # a slow reader misses an update, no more
+                send.send_nowait(event)
+
+        async def fetch() -> None:
+            async with send:
+                result.append(await self.download(parsed, only=from_node, progress=progress))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch)
+            async with receive:
+                async for event in receive:
+                    yield event
+        entry = result[0]
+        yield StreamResult(
+            {"path": str(entry.path), "uri": str(entry.uri(parsed.label)), "size": entry.size}
+        )
+
+    @exposed
+    async def file_fetch_range(
+        self, uri: str, start: int = 0, end: int | None = None
+    ) -> dict[str, Any]:
+        """Make a byte range of a file readable here; answers the file and offsets to read."""
+        path, lo, hi = await self.fetch_range(parse_file_uri(uri), start, end)
+        return {"path": str(path), "start": lo, "end": hi}
+
+    def statistics(self) -> dict[str, Any]:
+        """Bytes served to peers since start, downloads in progress, penalties given."""
+        return {
+            "bytesUploaded": self.bytes_uploaded,
+            "downloading": sorted(self._active),
+            "penalties": dict(self._penalties),
+        }
+
+    @exposed
+    async def file_downloads(self) -> list[dict[str, Any]]:
+        """Downloads interrupted or in progress, with their verified pieces."""
+        records = await self.node.run_sync(self.downloads.all)
+        return [
+            {
+                "sha1": r.sha1,
+                "size": r.size,
+                "manifestSha1": r.manifest_sha1,
+                "verifiedPieces": len(r.verified),
+                "active": r.sha1 in self._active,
+            }
+            for r in records
+        ]
+
+
+def _check_range(start: int, end: int | None, size: int) -> tuple[int, int]:
+    stop = size if end is None else end
+    if not 0 <= start <= stop <= size:
+        raise InvalidInput(f"byte range {start}..{stop} is outside 0..{size}")
+    return start, stop
+
+
+def _sha1(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+class _Download:
+    """One download in progress (see FileService.download)."""
+
+    def __init__(
+        self,
+        service: FileService,
+        uri: FileURI,
+        size: int,
+        manifest: Manifest | None,
+        plan: DownloadPlan,
+        providers: dict[str, Provider],
+        only: str | None,
+    ) -> None:
+        self.service = service
+        self.node = service.node
+        self.uri = uri
+        self.size = size
+        self.manifest = manifest
+        self.plan = plan
+        self.providers = providers
+        self.only = only
+        self.path = service.downloads.partial_path(uri.sha1)
+        self.changed = trio.Event()
+        self.written: set[int] = set(plan.verified)
+        self.started = time.monotonic()
+        self.fetched_bytes = 0
+        self.scopes: dict[tuple[str, int], trio.CancelScope] = {}
+        self.whole: str | None = None
+        self.errors: list[str] = []
+
+    def _wake(self) -> None:
+        """Wake every task waiting in ``self.changed.wait()`` (they re-check their condition)."""
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def _progress(self) -> dict[str, Any]:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        return {
+            "done": self.plan.verified_bytes(),
+            "total": self.size,
+            "rate": self.fetched_bytes / elapsed,
+            "providers": len(self.plan.usable),
+            "pieces": len(self.plan.verified),
+            "piecesTotal": len(self.plan.pieces),
+        }
+
+    async def run(self, progress: Callable[[dict[str, Any]], None] | None) -> FileEntry | None:
+        """Fetch the wanted pieces; land and return the file if it is whole (else None)."""
+        whole_file = self.plan.wanted == set(range(len(self.plan.pieces)))
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.manifest is not None and whole_file:
+                    nursery.start_soon(self._hash_whole, fd)
+                if progress is not None:
+                    nursery.start_soon(self._report, progress)
+                await self._fetch_all(nursery, fd)
+                while whole_file and self.manifest is not None and self.whole is None:
+                    await self.changed.wait()
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise lone_error(group) from None
+        finally:
+            os.close(fd)
+        if not whole_file:
+            return None
+        whole = self.whole if self.manifest is not None else self.plan.pieces[0].sha1
+        if whole != self.uri.sha1:
+            await self.node.run_sync(self.service.downloads.forget, self.uri.sha1)
+            raise InvalidInput(
+                f"the pieces of {self.uri} all verified, but the whole file hashes to {whole}: the"
+                " manifest does not describe this URI"
+            )
+        return await self._land(progress)
+
+    async def _report(self, progress: Callable[[dict[str, Any]], None]) -> None:
+        while True:
+            progress(self._progress())
+            await trio.sleep(PROGRESS_SECONDS)
+
+    async def _fetch_all(self, nursery: trio.Nursery, fd: int) -> None:
+        while not self.plan.done:
+            for assignment in self.plan.next_assignments():
+                nursery.start_soon(self._fetch_piece, assignment.provider, assignment.piece, fd)
+            if not self.plan.in_flight():
+                await self._more_providers()
+                continue
+            await self.changed.wait()
+
+    async def _more_providers(self) -> None:
+        """Nobody is fetching and pieces are missing: find providers again, or give up."""
+        found = await self.service.find(self.uri.sha1, only=self.only, refresh=True)
+        fresh = [
+            p
+            for p in found
+            if not self.plan.providers.get(p.node_id, None)
+            or (
+                self.plan.providers[p.node_id].dropped
+                and not self.plan.providers[p.node_id].corrupt
+            )
+        ]
+        if not fresh:
+            kept = len(self.plan.verified)
+            detail = "; ".join(dict.fromkeys(self.errors[-5:])) or "no provider is connected"
+            raise Unavailable(
+                f"could not finish {self.uri}: {detail}. {kept} of {len(self.plan.pieces)} pieces"
+                " are verified and kept: run the same load again to resume"
+            )
+        for p in fresh:
+            self.providers[p.node_id] = p
+            self.plan.add_provider(p.node_id)
+
+    async def _fetch_piece(self, provider_id: str, piece: Piece, fd: int) -> None:
+        provider = self.providers[provider_id]
+        started = time.monotonic()
+        key = (provider_id, piece.index)
+        log.debug("piece %d of %s from %s...", piece.index, self.uri.sha1[:12], provider_id[:12])
+        with trio.CancelScope() as scope:
+            self.scopes[key] = scope
+            try:
+                receiver = await self.service._fetch(
+                    provider, self.uri.sha1, piece, bytearray(piece.size)
+                )
+                digest = await trio.to_thread.run_sync(_sha1, receiver.buffer)
+                if digest != piece.sha1:
+                    self.plan.piece_failed(
+                        provider_id, piece.index, "sent a corrupt piece", corrupt=True
+                    )
+                    self.errors.append(f"{provider_id[:16]}... sent a corrupt piece")
+                    self.service._penalise(
+                        provider_id, f"sent piece {piece.index} of {self.uri.sha1} failing its hash"
+                    )
+                    return
+                self.fetched_bytes += piece.size
+                if piece.index in self.plan.verified:
+                    return  # a duplicate from the end game that lost the race
+                await trio.to_thread.run_sync(_write_piece, fd, piece.start, receiver.buffer)
+                others = self.plan.piece_verified(
+                    provider_id, piece.index, time.monotonic() - started
+                )
+                for other in others:
+                    other_scope = self.scopes.get((other, piece.index))
+                    if other_scope is not None:
+                        other_scope.cancel()
+                self.written.add(piece.index)
+                await self.node.run_sync(
+                    self.service.downloads.mark_verified,
+                    self.uri.sha1,
+                    set(self.plan.verified),
+                    len(self.plan.pieces),
+                )
+            except KacheryError as exc:
+                log.debug("piece %d from %s... failed: %s", piece.index, provider_id[:12], exc)
+                self.errors.append(str(exc))
+                if piece.index not in self.plan.verified:
+                    self.plan.piece_failed(provider_id, piece.index, str(exc), corrupt=False)
+            finally:
+                self.scopes.pop(key, None)
+                self._wake()
+        if scope.cancelled_caught:
+            self.plan.piece_cancelled(provider_id, piece.index)
+
+    async def _hash_whole(self, fd: int) -> None:
+        """Hash the verified prefix of the partial file as it grows; set ``whole`` at the end."""
+        hasher = hashlib.sha1()
+        for piece in self.plan.pieces:
+            while piece.index not in self.written:
+                await self.changed.wait()
+            await trio.to_thread.run_sync(_hash_range, hasher, fd, piece.start, piece.end)
+        self.whole = hasher.hexdigest()
+        self._wake()
+
+    async def _land(self, progress: Callable[[dict[str, Any]], None] | None) -> FileEntry:
+        result = HashResult(self.size, self.uri.sha1, self.manifest)
+        service = self.service
+        await trio.to_thread.run_sync(service.files.blobs.adopt, self.path, self.uri.sha1)
+        entry = await self.node.run_sync(service.files.adopt, result)
+        await self.node.run_sync(service.downloads.forget, self.uri.sha1)
+        if progress is not None:
+            progress(self._progress())
+        log.info(
+            "loaded %s (%d bytes) in %.2f s",
+            self.uri,
+            self.size,
+            time.monotonic() - self.started,
+        )
+        return entry
+
+
+def _write_piece(fd: int, offset: int, data: bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+    os.fdatasync(fd)
+
+
+def _hash_range(hasher: Any, fd: int, start: int, end: int) -> None:
+    position = start
+    while position < end:
+        block = os.pread(fd, min(READ_BLOCK, end - position), position)
+        if not block:
+            raise OSError(f"partial file ends at {position}, expected {end}")
+        hasher.update(block)
+        position += len(block)

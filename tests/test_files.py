@@ -1,0 +1,264 @@
+"""The chunk exchange between real nodes on loopback: loads, providers, and every named fault."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from kachery.node.daemon import Node
+from kachery.node.errors import NotPermitted, Unavailable
+from kachery.node.files import FileService
+from kachery.protocol import FileURI
+from kachery.protocol.files import FindFile
+from kachery.storage import NotFound
+from kachery.storage.files import FileEntry
+
+from .swarm import WAIT, Swarm, swarm, wait
+
+PIECE = 20_000_000
+SLOW = 40e6
+"""Upload cap (bytes/s) for providers a test stops mid-transfer: slow enough to catch them."""
+
+
+def files_of(node: Node) -> FileService:
+    return next(s for s in node.services if isinstance(s, FileService))
+
+
+def store_random(
+    node: Node, tmp_path: Path, size: int, name: str = "data.bin"
+) -> tuple[FileEntry, bytes]:
+    data = os.urandom(size)
+    path = tmp_path / f"{node.node_id[:8]}-{name}"
+    path.write_bytes(data)
+    return node.home.files.store_path(path), data
+
+
+async def channel_of(
+    s: Swarm,
+    names: list[str],
+    roles: dict[str, str] | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
+) -> list[Node]:
+    """The first node creates channel 'lab'; the others join with the given roles (default all)."""
+    roles = roles or {}
+    options = options or {}
+    first = await s.start(names[0], **options.get(names[0], {}))
+    await first.channel_create("lab")
+    nodes = [first]
+    for name in names[1:]:
+        node = await s.start(name, **options.get(name, {}))
+        token = (await first.channel_invite("lab", roles.get(name, "all").split(",")))["token"]
+        await node.channel_join(token)
+        nodes.append(node)
+    for node in nodes:
+        others = {n.node_id for n in nodes if n is not node}
+        await wait(node, lambda node=node, others=others: others <= set(node.connections))
+    return nodes
+
+
+def nothing_partial(node: Node) -> bool:
+    return not list(node.home.downloads.partial_dir.iterdir()) and not node.home.downloads.all()
+
+
+async def test_a_member_loads_a_large_file_verified_piece_by_piece(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        provider, downloader = await channel_of(s, ["provider", "downloader"])
+        entry, data = store_random(provider, tmp_path, 45_000_000)
+        got = await files_of(downloader).download(entry.uri())
+        assert got.sha1 == entry.sha1
+        assert got.manifest_sha1 == entry.manifest_sha1
+        assert got.path.read_bytes() == data
+        assert downloader.home.files.get(str(entry.manifest_sha1)) is not None
+        assert nothing_partial(downloader)
+        # A second load is answered from the store.
+        assert (await files_of(downloader).download(entry.uri())).path == got.path
+
+
+async def test_small_files_and_chunk_uris_fetch_only_what_they_name(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        provider, downloader = await channel_of(s, ["provider", "downloader"])
+        small, small_data = store_random(provider, tmp_path, 1000, "small.bin")
+        got = await files_of(downloader).download(small.uri())
+        assert got.path.read_bytes() == small_data
+        big, big_data = store_random(provider, tmp_path, 45_000_000, "big.bin")
+        before = files_of(provider).bytes_uploaded
+        tail = big_data[40_000_000:]
+        chunk = FileURI.__new__(FileURI)
+        from kachery.protocol import parse_file_uri
+
+        chunk = parse_file_uri(
+            f"sha1://{hashlib.sha1(tail).hexdigest()}?chunkOf={big.sha1}~40000000~45000000"
+        )
+        got_chunk = await files_of(downloader).download(chunk)
+        assert got_chunk.path.read_bytes() == tail
+        assert files_of(provider).bytes_uploaded - before == 5_000_000
+        assert downloader.home.files.get(big.sha1) is None
+
+
+async def test_find_lists_providers_and_an_unknown_hash_is_not_found(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        a, b, c = await channel_of(s, ["a", "b", "c"])
+        entry, _ = store_random(a, tmp_path, 1234)
+        store_path = tmp_path / "copy.bin"
+        store_path.write_bytes(entry.path.read_bytes())
+        b.home.files.store_path(store_path)
+        found = await c.services[0].file_find(str(entry.uri()))  # type: ignore[attr-defined]
+        assert sorted(p["nodeId"] for p in found) == sorted([a.node_id, b.node_id])
+        files_of(c).find_wait = 0.2
+        with pytest.raises(NotFound, match="was not found in channel lab"):
+            await files_of(c).download(FileURI(sha1="0" * 40))
+
+
+async def test_a_member_without_the_role_is_told_it_is_not_permitted(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        owner, viewer = await channel_of(s, ["owner", "viewer"], {"viewer": "provideFiles"})
+        entry, _ = store_random(owner, tmp_path, 1000)
+        with pytest.raises(NotPermitted, match="lacks role requestFiles"):
+            await files_of(viewer).download(entry.uri())
+        # The provider refuses too, explicitly, if asked anyway.
+        conn = viewer.connections[owner.node_id]
+        channel = next(iter(conn.channels))
+        with pytest.raises(NotPermitted, match="lacks role requestFiles in channel lab"):
+            await conn.request(FindFile(id=0, channel=channel, sha1=entry.sha1))
+
+
+async def test_three_providers_share_one_download(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        nodes = await channel_of(s, ["p1", "p2", "p3", "downloader"])
+        *providers, downloader = nodes
+        data = os.urandom(100_000_000)
+        path = tmp_path / "shared.bin"
+        path.write_bytes(data)
+        entry = None
+        for p in providers:
+            entry = p.home.files.store_path(path)
+        assert entry is not None
+        got = await files_of(downloader).download(entry.uri())
+        assert hashlib.sha1(got.path.read_bytes()).hexdigest() == entry.sha1
+        served = [files_of(p).bytes_uploaded for p in providers]
+        assert all(n > 0 for n in served), served
+        assert sum(served) >= 100_000_000
+
+
+async def download_watching(
+    node: Node, uri: FileURI, when: Callable[[dict[str, Any]], bool], then: Callable[[], None]
+) -> FileEntry:
+    """Download, calling ``then()`` once, when a progress event satisfies ``when``."""
+    fired = False
+
+    def progress(event: dict[str, Any]) -> None:
+        nonlocal fired
+        if not fired and when(event):
+            fired = True
+            then()
+
+    return await files_of(node).download(uri, progress=progress)
+
+
+async def test_a_provider_killed_mid_transfer_is_replaced(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        slow = {"p1": {"max_upload_rate": SLOW}, "p2": {"max_upload_rate": SLOW}}
+        p1, p2, downloader = await channel_of(s, ["p1", "p2", "downloader"], options=slow)
+        data = os.urandom(100_000_000)
+        path = tmp_path / "f.bin"
+        path.write_bytes(data)
+        entry = p1.home.files.store_path(path)
+        p2.home.files.store_path(path)
+        got = await download_watching(
+            downloader, entry.uri(), lambda e: e["pieces"] >= 1, lambda: s.stop("p1")
+        )
+        assert got.path.read_bytes() == data
+        assert p1.node_id not in downloader.connections
+
+
+async def test_a_provider_serving_corrupt_bytes_is_dropped_and_nothing_corrupt_lands(
+    tmp_path: Path,
+) -> None:
+    async with swarm(tmp_path) as s:
+        bad, good, downloader = await channel_of(s, ["bad", "good", "downloader"])
+        data = os.urandom(60_000_000)
+        path = tmp_path / "f.bin"
+        path.write_bytes(data)
+        entry = bad.home.files.store_path(path)
+        good.home.files.store_path(path)
+        # The bad provider's disk rots: every piece it serves fails verification.
+        corrupted = bytearray(data)
+        for start in range(0, len(corrupted), PIECE):
+            corrupted[start + 1000] ^= 0xFF
+        entry.path.chmod(0o644)
+        entry.path.write_bytes(bytes(corrupted))
+        service = files_of(downloader)
+        got = await service.download(entry.uri())
+        assert got.path.read_bytes() == data
+        assert service._penalties.get(bad.node_id, 0) >= 1
+        assert nothing_partial(downloader)
+
+
+async def test_when_every_provider_goes_the_verified_pieces_wait_for_the_next_attempt(
+    tmp_path: Path,
+) -> None:
+    async with swarm(tmp_path) as s:
+        slow = {"provider": {"max_upload_rate": SLOW}}
+        provider, downloader = await channel_of(s, ["provider", "downloader"], options=slow)
+        data = os.urandom(100_000_000)
+        path = tmp_path / "f.bin"
+        path.write_bytes(data)
+        entry = provider.home.files.store_path(path)
+        service = files_of(downloader)
+        service.find_wait = 0.5
+        with pytest.raises(Unavailable, match="run the same load again to resume"):
+            await download_watching(
+                downloader, entry.uri(), lambda e: e["pieces"] >= 2, lambda: s.stop("provider")
+            )
+        record = downloader.home.downloads.get(entry.sha1)
+        assert record is not None
+        kept = len(record.verified)
+        assert kept >= 2
+        provider.home.close()
+        again = await s.start("provider", max_upload_rate=SLOW)
+        await wait(downloader, lambda: again.node_id in downloader.connections)
+        got = await service.download(entry.uri())
+        assert got.path.read_bytes() == data
+        # The second attempt fetched no verified piece again.
+        assert files_of(again).bytes_uploaded == 100_000_000 - kept * PIECE
+
+
+async def test_a_downloader_stopped_halfway_resumes_after_restart(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        slow = {"provider": {"max_upload_rate": SLOW}}
+        provider, downloader = await channel_of(s, ["provider", "downloader"], options=slow)
+        data = os.urandom(100_000_000)
+        path = tmp_path / "f.bin"
+        path.write_bytes(data)
+        entry = provider.home.files.store_path(path)
+        half = trio.Event()
+
+        async def first_attempt() -> None:
+            await download_watching(
+                downloader, entry.uri(), lambda e: e["done"] >= 50_000_000, half.set
+            )
+
+        s.nursery.start_soon(first_attempt)
+        with trio.fail_after(WAIT):
+            await half.wait()
+        s.stop("downloader")  # the node stops mid-download, as if killed
+        await wait(provider, lambda: downloader.node_id not in provider.connections)
+        downloader.home.close()
+        served_before = files_of(provider).bytes_uploaded
+        again = await s.start("downloader")
+        record = again.home.downloads.get(entry.sha1)
+        assert record is not None
+        verified = len(record.verified)
+        assert verified >= 2
+        await wait(again, lambda: provider.node_id in again.connections)
+        got = await files_of(again).download(entry.uri())
+        assert got.path.read_bytes() == data
+        resent = files_of(provider).bytes_uploaded - served_before
+        remaining = 100_000_000 - verified * PIECE
+        assert resent <= remaining + PIECE
