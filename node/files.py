@@ -93,6 +93,12 @@ PENALTY_LIMIT = 3
 PROGRESS_SECONDS = 0.25
 """Interval of progress events of a streaming load."""
 
+KEPT_PIECES = 6
+"""Verified pieces (20 MB each) a download keeps in memory for the whole-file hash."""
+
+SPARE_BUFFERS = 4
+"""Piece buffers a download keeps for reuse."""
+
 
 @dataclass(frozen=True, slots=True)
 class Provider:
@@ -130,6 +136,8 @@ class _Receiver:
         self.received = 0
         self.last_data = time.monotonic()
         self.error = ""
+        self.hasher = hashlib.sha1()
+        self.hashed = 0
 
     def put(self, offset: int, payload: memoryview) -> None:
         at = offset - self.piece.start
@@ -137,8 +145,18 @@ class _Receiver:
             self.error = f"sent bytes at {offset} outside the requested piece"
             return
         self.buffer[at : at + len(payload)] = payload
+        if at == self.hashed:  # in order (the usual case): hash while the bytes are hot
+            self.hasher.update(payload)
+            self.hashed += len(payload)
         self.received += len(payload)
         self.last_data = time.monotonic()
+
+    def digest(self) -> str:
+        """The piece's SHA-1 (finishing the hash if frames came out of order)."""
+        if self.hashed < self.piece.size:
+            self.hasher.update(memoryview(self.buffer)[self.hashed :])
+            self.hashed = self.piece.size
+        return self.hasher.hexdigest()
 
 
 class FileService:
@@ -644,10 +662,15 @@ class _Download:
         self.path = service.downloads.partial_path(uri.sha1)
         self.changed = trio.Event()
         self.written: set[int] = set(plan.verified)
+        self.unsynced: set[int] = set()
+        self.recorded: set[int] = set(plan.verified)
         self.started = time.monotonic()
         self.fetched_bytes = 0
         self.scopes: dict[tuple[str, int], trio.CancelScope] = {}
         self.whole: str | None = None
+        self._spare: list[bytearray] = []
+        self._in_memory: dict[int, bytearray] = {}
+        """Verified pieces kept for the whole-file hash (so it need not read them back)."""
         self.errors: list[str] = []
 
     def _wake(self) -> None:
@@ -676,7 +699,10 @@ class _Download:
                     nursery.start_soon(self._hash_whole, fd)
                 if progress is not None:
                     nursery.start_soon(self._report, progress)
+                nursery.start_soon(self._persist, fd)
                 await self._fetch_all(nursery, fd)
+                while self.recorded != self.plan.verified:
+                    await self.changed.wait()
                 while whole_file and self.manifest is not None and self.whole is None:
                     await self.changed.wait()
                 nursery.cancel_scope.cancel()
@@ -704,7 +730,7 @@ class _Download:
         while not self.plan.done:
             for assignment in self.plan.next_assignments():
                 nursery.start_soon(self._fetch_piece, assignment.provider, assignment.piece, fd)
-            if not self.plan.in_flight():
+            if not self.plan.in_flight() and not self.plan.checking:
                 await self._more_providers()
                 continue
             await self.changed.wait()
@@ -733,6 +759,13 @@ class _Download:
             self.plan.add_provider(p.node_id)
 
     async def _fetch_piece(self, provider_id: str, piece: Piece, fd: int) -> None:
+        """Fetch, verify and write one piece; every change to the plan wakes the loop."""
+        try:
+            await self._fetch_verify_write(provider_id, piece, fd)
+        finally:
+            self._wake()
+
+    async def _fetch_verify_write(self, provider_id: str, piece: Piece, fd: int) -> None:
         provider = self.providers[provider_id]
         started = time.monotonic()
         key = (provider_id, piece.index)
@@ -741,54 +774,99 @@ class _Download:
             self.scopes[key] = scope
             try:
                 receiver = await self.service._fetch(
-                    provider, self.uri.sha1, piece, bytearray(piece.size)
-                )
-                digest = await trio.to_thread.run_sync(_sha1, receiver.buffer)
-                if digest != piece.sha1:
-                    self.plan.piece_failed(
-                        provider_id, piece.index, "sent a corrupt piece", corrupt=True
-                    )
-                    self.errors.append(f"{provider_id[:16]}... sent a corrupt piece")
-                    self.service._penalise(
-                        provider_id, f"sent piece {piece.index} of {self.uri.sha1} failing its hash"
-                    )
-                    return
-                self.fetched_bytes += piece.size
-                if piece.index in self.plan.verified:
-                    return  # a duplicate from the end game that lost the race
-                await trio.to_thread.run_sync(_write_piece, fd, piece.start, receiver.buffer)
-                others = self.plan.piece_verified(
-                    provider_id, piece.index, time.monotonic() - started
-                )
-                for other in others:
-                    other_scope = self.scopes.get((other, piece.index))
-                    if other_scope is not None:
-                        other_scope.cancel()
-                self.written.add(piece.index)
-                await self.node.run_sync(
-                    self.service.downloads.mark_verified,
-                    self.uri.sha1,
-                    set(self.plan.verified),
-                    len(self.plan.pieces),
+                    provider, self.uri.sha1, piece, self._buffer(piece.size)
                 )
             except KacheryError as exc:
                 log.debug("piece %d from %s... failed: %s", piece.index, provider_id[:12], exc)
                 self.errors.append(str(exc))
-                if piece.index not in self.plan.verified:
+                if piece.index not in self.plan.verified | self.plan.checking:
                     self.plan.piece_failed(provider_id, piece.index, str(exc), corrupt=False)
+                else:
+                    self.plan.piece_cancelled(provider_id, piece.index)
+                return
             finally:
                 self.scopes.pop(key, None)
-                self._wake()
-        if scope.cancelled_caught:
+        if scope.cancelled_caught:  # another provider's copy was verified first
             self.plan.piece_cancelled(provider_id, piece.index)
+            return
+        if piece.index in self.plan.verified or piece.index in self.plan.checking:
+            self.plan.piece_cancelled(provider_id, piece.index)
+            return  # a duplicate from the end game that lost the race
+        # The provider's slot is free now: the next piece flows while this one is checked.
+        self.plan.piece_arrived(provider_id, piece.index, time.monotonic() - started)
+        self._wake()
+        digest = receiver.digest()
+        if digest != piece.sha1:
+            self.plan.piece_failed(provider_id, piece.index, "sent a corrupt piece", corrupt=True)
+            self.errors.append(f"{provider_id[:16]}... sent a corrupt piece")
+            self.service._penalise(
+                provider_id, f"sent piece {piece.index} of {self.uri.sha1} failing its hash"
+            )
+            return
+        self.fetched_bytes += piece.size
+        await trio.to_thread.run_sync(_write_piece, fd, piece.start, receiver.buffer)
+        for other in self.plan.piece_verified(piece.index):
+            other_scope = self.scopes.get((other, piece.index))
+            if other_scope is not None:
+                other_scope.cancel()
+        self.written.add(piece.index)
+        self.unsynced.add(piece.index)
+        if not self._keep_for_hash(piece.index, receiver.buffer):
+            self._release(receiver.buffer)
+
+    async def _persist(self, fd: int) -> None:
+        """Make written pieces durable, then record them as verified (coalescing many)."""
+        while True:
+            while not self.unsynced:
+                await self.changed.wait()
+            batch, self.unsynced = self.unsynced, set()
+            await trio.to_thread.run_sync(os.fdatasync, fd)
+            self.recorded |= batch
+            await self.node.run_sync(
+                self.service.downloads.mark_verified,
+                self.uri.sha1,
+                set(self.recorded),
+                len(self.plan.pieces),
+            )
+            self._wake()
+
+    def _buffer(self, size: int) -> bytearray:
+        """A piece buffer: reused, since zeroing 20 MB per piece costs as much as hashing it."""
+        if self._spare:
+            buffer = self._spare.pop()
+            if len(buffer) != size:
+                del buffer[size:]
+                buffer.extend(bytes(size - len(buffer)))
+            return buffer
+        return bytearray(size)
+
+    def _release(self, buffer: bytearray) -> None:
+        if len(self._spare) < SPARE_BUFFERS:
+            self._spare.append(buffer)
+
+    def _keep_for_hash(self, index: int, buffer: bytearray) -> bool:
+        """Keep a verified piece in memory for the whole-file hash if it is due soon."""
+        if self.manifest is None or len(self._in_memory) >= KEPT_PIECES:
+            return False
+        self._in_memory[index] = buffer
+        return True
 
     async def _hash_whole(self, fd: int) -> None:
-        """Hash the verified prefix of the partial file as it grows; set ``whole`` at the end."""
+        """Hash the verified pieces in file order as they come; set ``whole`` at the end.
+
+        A piece still in memory is hashed from there; one that was not kept (it came far out
+        of order, or before a restart) is read back from the partial file.
+        """
         hasher = hashlib.sha1()
         for piece in self.plan.pieces:
             while piece.index not in self.written:
                 await self.changed.wait()
-            await trio.to_thread.run_sync(_hash_range, hasher, fd, piece.start, piece.end)
+            buffer = self._in_memory.pop(piece.index, None)
+            if buffer is not None:
+                await trio.to_thread.run_sync(hasher.update, buffer)
+                self._release(buffer)
+            else:
+                await trio.to_thread.run_sync(_hash_range, hasher, fd, piece.start, piece.end)
         self.whole = hasher.hexdigest()
         self._wake()
 
@@ -815,7 +893,6 @@ def _write_piece(fd: int, offset: int, data: bytearray) -> None:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
-    os.fdatasync(fd)
 
 
 def _hash_range(hasher: Any, fd: int, start: int, end: int) -> None:

@@ -184,6 +184,8 @@ class DownloadPlan:
         self.pieces = pieces
         self.wanted = set(range(len(pieces))) if wanted is None else set(wanted)
         self.verified = set(verified)
+        self.checking: set[int] = set()
+        """Pieces that arrived and are being verified: not in flight, not to be assigned."""
         self.providers: dict[str, ProviderState] = {p: ProviderState(p) for p in providers}
         self._order = list(providers)
 
@@ -227,7 +229,10 @@ class DownloadPlan:
         waiting = [
             p
             for p in self.pieces
-            if p.index in self.wanted and p.index not in self.verified and p.index not in flying
+            if p.index in self.wanted
+            and p.index not in self.verified
+            and p.index not in flying
+            and p.index not in self.checking
         ]
         ranked = sorted(self.usable, key=lambda p: -p.rate)
         # Normal phase: unassigned pieces in file order to providers with free slots, fastest first.
@@ -257,18 +262,28 @@ class DownloadPlan:
                 assignments.append(Assignment(provider.node_id, self.pieces[index]))
         return assignments
 
-    def piece_verified(self, provider: str, index: int, seconds: float) -> list[str]:
-        """Record a verified piece; returns the other providers still fetching it (to cancel)."""
+    def piece_arrived(self, provider: str, index: int, seconds: float) -> None:
+        """All bytes of a piece arrived: the provider's slot is free while it is verified.
+
+        Duplicates elsewhere (end game) go on until this copy is known to be good.
+        """
         state = self.providers[provider]
         state.in_flight.discard(index)
         size = self.pieces[index].size
         state.delivered += size
         measured = size / max(seconds, 1e-6)
-        state.rate = (
-            measured
-            if state.rate == 0
-            else (self.RATE_WEIGHT * measured + (1 - self.RATE_WEIGHT) * state.rate)
-        )
+        if state.rate == 0:
+            state.rate = measured
+        else:
+            state.rate = self.RATE_WEIGHT * measured + (1 - self.RATE_WEIGHT) * state.rate
+        self.checking.add(index)
+
+    def piece_verified(self, index: int) -> list[str]:
+        """A piece that arrived matched its hash and is written.
+
+        Returns the providers still fetching a duplicate of it (to cancel).
+        """
+        self.checking.discard(index)
         self.verified.add(index)
         others = []
         for other in self.providers.values():
@@ -285,6 +300,7 @@ class DownloadPlan:
         """
         state = self.providers[provider]
         state.in_flight.discard(index)
+        self.checking.discard(index)
         state.dropped = reason
         state.corrupt = state.corrupt or corrupt
         state.failures += 1
