@@ -172,9 +172,8 @@ def main() -> None:
         print(f"\n{'what':42} {'GB/s':>6} {'median s':>9} {'min..max s':>14}")
         for name, times in rows:
             med = statistics.median(times)
-            print(
-                f"{name:42} {size / med / 1e9:6.2f} {med:9.2f} {min(times):6.2f}..{max(times):<6.2f}"
-            )
+            spread = f"{min(times):6.2f}..{max(times):<6.2f}"
+            print(f"{name:42} {size / med / 1e9:6.2f} {med:9.2f} {spread}")
         ratio = statistics.median(ref) / statistics.median(kachery)
         print(f"\nkachery-node load vs download-then-verify: {ratio:.2f}x (goal >= 1.0)")
 
