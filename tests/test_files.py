@@ -15,7 +15,9 @@ from kachery.node.daemon import Node
 from kachery.node.errors import NotPermitted, Unavailable
 from kachery.node.files import FileService
 from kachery.protocol import FileURI
+from kachery.protocol.channel import Role
 from kachery.protocol.files import FindFile
+from kachery.protocol.messages import DocRequest
 from kachery.storage import NotFound
 from kachery.storage.files import FileEntry
 
@@ -262,3 +264,52 @@ async def test_a_downloader_stopped_halfway_resumes_after_restart(tmp_path: Path
         resent = files_of(provider).bytes_uploaded - served_before
         remaining = 100_000_000 - verified * PIECE
         assert resent <= remaining + PIECE
+
+
+async def test_changing_a_members_roles_takes_effect_everywhere(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        owner, member = await channel_of(s, ["owner", "member"])
+        entry, data = store_random(owner, tmp_path, 1000)
+        assert (await files_of(member).download(entry.uri())).path.read_bytes() == data
+        member.home.files.remove(entry.sha1)
+        await owner.channel_set_roles("lab", member.node_id, ["provideFiles"])
+        channel = owner.membership.resolve("lab")
+        await wait(
+            member,
+            lambda: member.membership.roles_of(channel, member.node_id) == {Role.PROVIDE_FILES},
+        )
+        with pytest.raises(NotPermitted, match="lacks role requestFiles"):
+            await files_of(member).download(entry.uri())
+
+
+async def test_a_member_that_leaves_is_no_longer_served(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        owner, member = await channel_of(s, ["owner", "member"])
+        await member.channel_leave("lab")
+        assert not member.membership.channel_ids()
+        await wait(owner, lambda: member.node_id not in owner.connections)
+        await wait(member, lambda: not member.connections)
+
+
+async def test_a_bulk_transfer_does_not_starve_control_messages(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        slow = {"provider": {"max_upload_rate": SLOW}}
+        provider, downloader = await channel_of(s, ["provider", "downloader"], options=slow)
+        entry, _ = store_random(provider, tmp_path, 100_000_000)
+        conn = downloader.connections[provider.node_id]
+        channel = next(iter(conn.channels))
+        finished = trio.Event()
+        answered_during = 0
+
+        async def load() -> None:
+            await files_of(downloader).download(entry.uri())
+            finished.set()
+
+        s.nursery.start_soon(load)
+        with trio.fail_after(WAIT):
+            while not finished.is_set() and answered_during < 5:
+                await conn.request(DocRequest(id=0, channel=channel, after=0))
+                if not finished.is_set():
+                    answered_during += 1
+            await finished.wait()
+        assert answered_during == 5

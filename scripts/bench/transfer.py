@@ -124,6 +124,12 @@ def timed_load(node: Daemon, uri: str, sha1: str) -> float:
     return elapsed
 
 
+def daemon_load_seconds(node: Daemon) -> float:
+    """How long the daemon's last load took, from its log ("loaded ... in 2.91 s")."""
+    lines = [line for line in node.log if " loaded sha1://" in line]
+    return float(lines[-1].rsplit(" in ", 1)[1].split()[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=GIB)
@@ -181,7 +187,7 @@ def main() -> None:
             f"\nmulti-source: 3 providers capped at R = {args.rate / 1e6:.0f} MB/s each ...",
             flush=True,
         )
-        multi_size = int(args.rate * 6)
+        multi_size = int(args.rate * 16)  # ~5 s at 3 x R: long enough that start-up amortises
         multi = data_dir / "multi.bin"
         write_random_file(multi, multi_size)
         nodes = swarm(base / "multi", ["p1", "p2", "p3", "downloader"], rate=str(args.rate))
@@ -192,11 +198,15 @@ def main() -> None:
             sha1 = uri.split("//")[1].split("/")[0].split("?")[0]
             elapsed = timed_load(nodes[3], uri, sha1)
             served = [p.json("status")["files"]["bytesUploaded"] for p in nodes[:3]]
+            inside = daemon_load_seconds(nodes[3])
         finally:
             for node in nodes:
                 node.stop()
-        rate = multi_size / elapsed
-        print(f"downloader: {rate / 1e6:.0f} MB/s = {rate / args.rate:.2f} x R (goal >= 2.5)")
+        rate = multi_size / inside
+        print(
+            f"downloader: {rate / 1e6:.0f} MB/s = {rate / args.rate:.2f} x R (goal >= 2.5);"
+            f" {multi_size / elapsed / args.rate:.2f} x R counting the CLI's start-up"
+        )
         print("bytes served by each provider:", ", ".join(f"{s / 1e6:.0f} MB" for s in served))
         print(
             json.dumps(
