@@ -93,11 +93,11 @@ PENALTY_LIMIT = 3
 PROGRESS_SECONDS = 0.25
 """Interval of progress events of a streaming load."""
 
+IOV_BATCH = 512
+"""Frames per pwritev call: under every kernel's IOV_MAX (1024 on Linux), whatever a peer sent."""
+
 KEPT_PIECES = 6
 """Verified pieces (20 MB each) a download keeps in memory for the whole-file hash."""
-
-SPARE_BUFFERS = 4
-"""Piece buffers a download keeps for reuse."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,35 +128,37 @@ class TokenBucket:
 
 
 class _Receiver:
-    """One piece request in flight: frames land in ``buffer``."""
+    """One piece request in flight: its frames, kept as they arrived (no copy into a buffer).
 
-    def __init__(self, piece: Piece, buffer: bytearray) -> None:
+    Frames of one range come in order from their provider; each is hashed on arrival, while
+    its bytes are in cache. Written with one ``pwritev`` per piece.
+    """
+
+    def __init__(self, piece: Piece) -> None:
         self.piece = piece
-        self.buffer = buffer
+        self.frames: list[memoryview] = []
         self.received = 0
         self.last_data = time.monotonic()
         self.error = ""
         self.hasher = hashlib.sha1()
-        self.hashed = 0
 
     def put(self, offset: int, payload: memoryview) -> None:
-        at = offset - self.piece.start
-        if at < 0 or at + len(payload) > self.piece.size:
-            self.error = f"sent bytes at {offset} outside the requested piece"
+        if offset != self.piece.start + self.received:
+            self.error = f"sent bytes at {offset}, expected {self.piece.start + self.received}"
             return
-        self.buffer[at : at + len(payload)] = payload
-        if at == self.hashed:  # in order (the usual case): hash while the bytes are hot
-            self.hasher.update(payload)
-            self.hashed += len(payload)
+        if self.received + len(payload) > self.piece.size:
+            self.error = f"sent bytes past the end of the requested piece ({self.piece.end})"
+            return
+        self.frames.append(payload)
+        self.hasher.update(payload)
         self.received += len(payload)
         self.last_data = time.monotonic()
 
     def digest(self) -> str:
-        """The piece's SHA-1 (finishing the hash if frames came out of order)."""
-        if self.hashed < self.piece.size:
-            self.hasher.update(memoryview(self.buffer)[self.hashed :])
-            self.hashed = self.piece.size
         return self.hasher.hexdigest()
+
+    def data(self) -> bytes:
+        return b"".join(self.frames)
 
 
 class FileService:
@@ -339,9 +341,7 @@ class FileService:
 
     # -- fetching bytes ------------------------------------------------------------------------
 
-    async def _fetch(
-        self, provider: Provider, sha1: str, piece: Piece, buffer: bytearray
-    ) -> _Receiver:
+    async def _fetch(self, provider: Provider, sha1: str, piece: Piece) -> _Receiver:
         """Ask ``provider`` for ``piece`` of ``sha1``; return when all its bytes arrived.
 
         Raises:
@@ -351,7 +351,7 @@ class FileService:
         if conn is None:
             raise Unavailable(f"{provider.node_id[:16]}... is no longer connected")
         stream = next(self._streams)
-        receiver = _Receiver(piece, buffer)
+        receiver = _Receiver(piece)
         self._receivers[(conn.node_id, stream)] = receiver
         request = GetData(
             id=0,
@@ -537,12 +537,12 @@ class FileService:
         errors = []
         for provider in providers:
             try:
-                receiver = await self._fetch(provider, chunk.file_sha1, piece, bytearray(size))
+                receiver = await self._fetch(provider, chunk.file_sha1, piece)
             except KacheryError as exc:
                 errors.append(str(exc))
                 continue
-            data = bytes(receiver.buffer)
-            if await trio.to_thread.run_sync(_sha1, data) != uri.sha1:
+            data = receiver.data()
+            if receiver.digest() != uri.sha1:
                 self._penalise(
                     provider.node_id, f"sent a chunk of {chunk.file_sha1} that fails its hash"
                 )
@@ -634,10 +634,6 @@ def _check_range(start: int, end: int | None, size: int) -> tuple[int, int]:
     return start, stop
 
 
-def _sha1(data: bytes | bytearray | memoryview) -> str:
-    return hashlib.sha1(data).hexdigest()
-
-
 class _Download:
     """One download in progress (see FileService.download)."""
 
@@ -668,8 +664,7 @@ class _Download:
         self.fetched_bytes = 0
         self.scopes: dict[tuple[str, int], trio.CancelScope] = {}
         self.whole: str | None = None
-        self._spare: list[bytearray] = []
-        self._in_memory: dict[int, bytearray] = {}
+        self._in_memory: dict[int, list[memoryview]] = {}
         """Verified pieces kept for the whole-file hash (so it need not read them back)."""
         self.errors: list[str] = []
 
@@ -773,9 +768,7 @@ class _Download:
         with trio.CancelScope() as scope:
             self.scopes[key] = scope
             try:
-                receiver = await self.service._fetch(
-                    provider, self.uri.sha1, piece, self._buffer(piece.size)
-                )
+                receiver = await self.service._fetch(provider, self.uri.sha1, piece)
             except KacheryError as exc:
                 log.debug("piece %d from %s... failed: %s", piece.index, provider_id[:12], exc)
                 self.errors.append(str(exc))
@@ -804,15 +797,14 @@ class _Download:
             )
             return
         self.fetched_bytes += piece.size
-        await trio.to_thread.run_sync(_write_piece, fd, piece.start, receiver.buffer)
+        await trio.to_thread.run_sync(_write_piece, fd, piece.start, receiver.frames)
         for other in self.plan.piece_verified(piece.index):
             other_scope = self.scopes.get((other, piece.index))
             if other_scope is not None:
                 other_scope.cancel()
         self.written.add(piece.index)
         self.unsynced.add(piece.index)
-        if not self._keep_for_hash(piece.index, receiver.buffer):
-            self._release(receiver.buffer)
+        self._keep_for_hash(piece.index, receiver.frames)
 
     async def _persist(self, fd: int) -> None:
         """Make written pieces durable, then record them as verified (coalescing many)."""
@@ -830,26 +822,10 @@ class _Download:
             )
             self._wake()
 
-    def _buffer(self, size: int) -> bytearray:
-        """A piece buffer: reused, since zeroing 20 MB per piece costs as much as hashing it."""
-        if self._spare:
-            buffer = self._spare.pop()
-            if len(buffer) != size:
-                del buffer[size:]
-                buffer.extend(bytes(size - len(buffer)))
-            return buffer
-        return bytearray(size)
-
-    def _release(self, buffer: bytearray) -> None:
-        if len(self._spare) < SPARE_BUFFERS:
-            self._spare.append(buffer)
-
-    def _keep_for_hash(self, index: int, buffer: bytearray) -> bool:
-        """Keep a verified piece in memory for the whole-file hash if it is due soon."""
-        if self.manifest is None or len(self._in_memory) >= KEPT_PIECES:
-            return False
-        self._in_memory[index] = buffer
-        return True
+    def _keep_for_hash(self, index: int, frames: list[memoryview]) -> None:
+        """Keep a verified piece in memory for the whole-file hash, if there is room."""
+        if self.manifest is not None and len(self._in_memory) < KEPT_PIECES:
+            self._in_memory[index] = frames
 
     async def _hash_whole(self, fd: int) -> None:
         """Hash the verified pieces in file order as they come; set ``whole`` at the end.
@@ -861,10 +837,9 @@ class _Download:
         for piece in self.plan.pieces:
             while piece.index not in self.written:
                 await self.changed.wait()
-            buffer = self._in_memory.pop(piece.index, None)
-            if buffer is not None:
-                await trio.to_thread.run_sync(hasher.update, buffer)
-                self._release(buffer)
+            frames = self._in_memory.pop(piece.index, None)
+            if frames is not None:
+                await trio.to_thread.run_sync(_hash_frames, hasher, frames)
             else:
                 await trio.to_thread.run_sync(_hash_range, hasher, fd, piece.start, piece.end)
         self.whole = hasher.hexdigest()
@@ -887,12 +862,22 @@ class _Download:
         return entry
 
 
-def _write_piece(fd: int, offset: int, data: bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
+def _write_piece(fd: int, offset: int, frames: list[memoryview]) -> None:
+    """Write a piece's frames at ``offset`` with as few system calls as the kernel allows."""
+    pending = list(frames)
+    while pending:
+        written = os.pwritev(fd, pending[:IOV_BATCH], offset)
         offset += written
+        while pending and written >= len(pending[0]):
+            written -= len(pending[0])
+            pending.pop(0)
+        if written:
+            pending[0] = pending[0][written:]
+
+
+def _hash_frames(hasher: Any, frames: list[memoryview]) -> None:
+    for frame in frames:
+        hasher.update(frame)
 
 
 def _hash_range(hasher: Any, fd: int, start: int, end: int) -> None:
