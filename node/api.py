@@ -8,8 +8,10 @@ line per event, flushed as it happens, and a last line ``{"result": ...}`` or ``
 Errors are ``{"error": {"type": <class name>, "message": ...}}`` with a status chosen from the
 class (``status_for``), so the client re-raises the same class. Features add methods to the
 table, never HTTP plumbing. ``GET /probe`` answers like kachery-daemon's probe and needs no
-token; every other route needs the ``KACHERY-CLIENT-AUTH-CODE`` header (``client.py`` keeps the
-token file). hypercorn's Trio worker serves the small ASGI app below on the daemon's own loop.
+token; ``GET /sha1/<hash>[/<label>]`` is a read-only gateway to stored files, with Range
+support, for browser tools; every other route needs the ``KACHERY-CLIENT-AUTH-CODE`` header
+(``client.py`` keeps the token file). hypercorn's Trio worker serves the small ASGI app below
+on the daemon's own loop.
 
 Non-goals: remote access (loopback only, no TLS), browsers (no CORS, no HTML), and being a web
 framework: routing is one dictionary lookup.
@@ -22,9 +24,11 @@ import importlib.metadata
 import inspect
 import json
 import logging
+import os
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
@@ -33,6 +37,7 @@ from hypercorn.trio import serve
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
 from kachery.protocol.errors import InvalidInput, KacheryError
+from kachery.protocol.uri import FileURI, parse_file_uri
 from kachery.storage.errors import AlreadyExists, NotFound
 
 from .client import API_HOST, AUTH_HEADER
@@ -134,6 +139,7 @@ async def serve_api(
     token: str,
     port: int,
     verbose: bool = False,
+    locate: Locate | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the API on 127.0.0.1 until cancelled; start it with ``nursery.start``.
@@ -149,6 +155,7 @@ async def serve_api(
         token: the client-auth token every other route requires.
         port: the port to bind; 0 picks a free one.
         verbose: let hypercorn log start-up and every request.
+        locate: where stored files are (enables the read-only ``GET /sha1/...`` gateway).
         task_status: receives the bound port once the API accepts connections.
 
     Raises:
@@ -163,7 +170,7 @@ async def serve_api(
     http_log.setLevel(logging.NOTSET if verbose else logging.WARNING)
     config.errorlog = http_log
     config.accesslog = http_log if verbose else None
-    app = _App(methods, node_id=node_id, token=token)
+    app = _App(methods, node_id=node_id, token=token, locate=locate)
     stop = trio.Event()
     # hypercorn runs shielded from our caller's cancellation, so that cancelling serve_api turns
     # into hypercorn's graceful shutdown (stop) rather than cutting answers off mid-write; the
@@ -212,11 +219,24 @@ class _Refused(Exception):
         self.message = message
 
 
-class _App:
-    """The ASGI application: lifespan, ``GET /probe`` and ``POST /api/<method>``."""
+Locate = Callable[[FileURI], "tuple[Path, int, int] | None"]
+"""Where the bytes of a URI are stored on this node: (file, start, end), or None."""
 
-    def __init__(self, methods: Mapping[str, MethodSpec], *, node_id: str, token: str) -> None:
+
+class _App:
+    """The ASGI application: lifespan, ``GET /probe``, ``POST /api/<method>``, and the
+    read-only gateway ``GET /sha1/...``."""
+
+    def __init__(
+        self,
+        methods: Mapping[str, MethodSpec],
+        *,
+        node_id: str,
+        token: str,
+        locate: Locate | None = None,
+    ) -> None:
         self._methods = dict(methods)
+        self._locate = locate
         self._token = token.encode("utf-8")
         self._probe = {"success": True, "nodeId": node_id, "kacheryNodeVersion": _version()}
 
@@ -240,6 +260,9 @@ class _App:
     async def _http(
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
+        if scope["path"].startswith("/sha1/") and self._locate is not None:
+            await _gateway(scope, send, self._locate)
+            return
         try:
             name = self._route(scope)
             if name is None:
@@ -293,6 +316,103 @@ class _App:
         wanted = AUTH_HEADER.lower().encode("ascii")
         given = [value for key, value in headers if key.lower() == wanted]
         return len(given) == 1 and hmac.compare_digest(given[0], self._token)
+
+
+GATEWAY_BLOCK = 1024 * 1024
+"""Bytes read and sent per step by the file gateway."""
+
+
+async def _gateway(scope: HTTPScope, send: ASGISendCallable, locate: Locate) -> None:
+    """Serve a stored file (or a byte range of it) by URI: ``GET /sha1/<hash>[/<label>]``.
+
+    Read-only and local-only: it serves what is stored on this node and never fetches from
+    peers. Content-addressed, so responses are immutable and cacheable; no token is needed,
+    since knowing a file's hash is what it takes to ask for it. One ``Range: bytes=`` range is
+    honoured (206); several, or none, get the whole file.
+    """
+    if scope["method"] not in ("GET", "HEAD"):
+        await _send_json(send, 405, {"error": {"type": "InvalidInput", "message": "use GET"}})
+        return
+    text = "sha1://" + scope["path"][len("/sha1/") :]
+    query = scope["query_string"].decode("latin-1")
+    if query:
+        text += "?" + query
+    try:
+        uri = parse_file_uri(text)
+    except InvalidInput as exc:
+        await _send_json(send, 400, {"error": {"type": "InvalidURI", "message": str(exc)}})
+        return
+    located = await trio.to_thread.run_sync(locate, uri)
+    if located is None:
+        message = f"{uri} is not stored on this node (the gateway does not fetch from peers)"
+        await _send_json(send, 404, {"error": {"type": "NotFound", "message": message}})
+        return
+    path, lo, hi = located
+    size = hi - lo
+    status, first, last = 200, 0, size
+    headers: list[tuple[bytes, bytes]] = [
+        (b"content-type", b"application/octet-stream"),
+        (b"accept-ranges", b"bytes"),
+        (b"etag", f'"{uri.sha1}"'.encode()),
+        (b"cache-control", b"public, max-age=31536000, immutable"),
+    ]
+    range_header = dict(scope["headers"]).get(b"range", b"").decode("latin-1")
+    try:
+        wanted = _byte_range(range_header, size)
+    except ValueError:
+        headers.append((b"content-range", f"bytes */{size}".encode()))
+        await send({"type": "http.response.start", "status": 416, "headers": headers})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    if wanted is not None:
+        status, (first, last) = 206, wanted
+        headers.append((b"content-range", f"bytes {first}-{last - 1}/{size}".encode()))
+    headers.append((b"content-length", str(last - first).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    if scope["method"] == "HEAD":
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY)
+    try:
+        position, end = lo + first, lo + last
+        while position < end:
+            n = min(GATEWAY_BLOCK, end - position)
+            block = await trio.to_thread.run_sync(os.pread, fd, n, position)
+            position += len(block)
+            await send({"type": "http.response.body", "body": block, "more_body": position < end})
+            if not block:
+                break
+        if lo + first == end:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+    finally:
+        os.close(fd)
+
+
+def _byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """The one range a ``Range: bytes=a-b`` header asks for, as [start, end); None for the
+    whole file (no header, several ranges, or a unit other than bytes).
+
+    Raises:
+        ValueError: the range cannot be satisfied (answer 416).
+    """
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first_text, dash, last_text = spec.strip().partition("-")
+    if not dash:
+        return None
+    if not (first_text or last_text) or not (first_text + last_text).isdigit():
+        return None
+    if not first_text:  # a suffix: the last N bytes
+        n = int(last_text)
+        if n <= 0 or not size:
+            raise ValueError("empty suffix range")
+        return max(size - n, 0), size
+    first = int(first_text)
+    last = int(last_text) + 1 if last_text else size
+    if first >= size or last <= first:
+        raise ValueError("range outside the file")
+    return first, min(last, size)
 
 
 async def _read_body(receive: ASGIReceiveCallable) -> bytes | None:

@@ -878,6 +878,7 @@ async def serve_node(
                 token=token,
                 port=api_port,
                 verbose=verbose,
+                locate=home.files.locate,
             )
         )
         write_daemon_info(
