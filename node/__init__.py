@@ -2,9 +2,12 @@
 
 The client mirrors kachery-client. Files: ``store_file``, ``load_file``, ``load_bytes``,
 ``store_json``/``load_json``, ``store_text``/``load_text``, ``store_npy``/``load_npy``.
-Mutables: ``set``/``get``. It finds the node through ``$KACHERY_NODE_HOME``.
+Mutables: ``set``/``get``. Feeds: ``create_feed``, ``load_feed``, ``get_feed_id``, ``Feed``,
+``Subfeed`` (``append_message``, ``get_next_messages``, ``message_stream``, ``watch``).
+It finds the node through ``$KACHERY_NODE_HOME``.
 """
 
+from .feeds_client import Feed, Subfeed, create_feed, get_feed_id, load_feed, load_subfeed
 from .files_client import (
     load_bytes,
     load_file,
@@ -20,11 +23,17 @@ from .files_client import (
 from .mutables_client import get, set
 
 __all__ = [
+    "Feed",
+    "Subfeed",
+    "create_feed",
     "get",
+    "get_feed_id",
     "load_bytes",
+    "load_feed",
     "load_file",
     "load_json",
     "load_npy",
+    "load_subfeed",
     "load_text",
     "set",
     "store_bytes",

@@ -24,6 +24,7 @@ from kachery.protocol.errors import InvalidInput, KacheryError
 from kachery.protocol.uri import FileURI, parse_file_uri
 from kachery.storage.errors import NotFound
 
+from .cli_feeds import add_feed_commands
 from .client import DaemonClient
 from .errors import DaemonNotRunning
 from .home import HOME_ENV, NodeHome, default_home
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     ml = msub.add_parser("list", help="print all keys and values as JSON lines")
     ml.set_defaults(command=cmd_mutable_list)
 
+    add_feed_commands(command)
     _add_daemon_commands(command)
     return parser
 

@@ -31,6 +31,10 @@ class Service(Protocol):
 
 def build_services(node: Node) -> list[Service]:
     """Create the node's services (each registers its handlers with ``node``)."""
+    from .feeds import FeedService
     from .files import FileService
 
-    return [FileService(node, max_upload_rate=node.max_upload_rate)]
+    return [
+        FileService(node, max_upload_rate=node.max_upload_rate),
+        FeedService(node),
+    ]

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from _demo_feeds import feeds_demo
+
 from kachery.node.testing import Daemon
 from kachery.protocol import parse_file_uri
 
@@ -134,6 +136,7 @@ def main() -> None:
         with lab_swarm(base) as nodes:
             channel_part(nodes, base)
             files_part(nodes, base)
+            feeds_demo(nodes, base)
     print("\ndemo finished; its temporary node homes are removed.")
 
 

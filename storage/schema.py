@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Connection,
     Float,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 metadata = MetaData()
@@ -115,6 +117,89 @@ downloads = Table(
 )
 
 
+# -- feeds (schema version 4) ---------------------------------------------------------------------
+
+feeds = Table(
+    "feeds",
+    metadata,
+    Column("feed_id", String(64), primary_key=True),
+    # The local name kachery's get_feed_id(name) finds it by; unique on this node.
+    Column("name", String(200), nullable=True, unique=True),
+    # True if this node holds the feed's private key (keys/feed-<id> in the node home).
+    Column("owned", Boolean, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+subfeeds = Table(
+    "subfeeds",
+    metadata,
+    # A small integer for the (feed, subfeed) pair, so message rows do not repeat 104 hex digits.
+    Column("sf", Integer, primary_key=True, autoincrement=True),
+    Column("feed_id", String(64), nullable=False),
+    Column("subfeed_hash", String(40), nullable=False),
+    Column("subfeed_name", Text, nullable=True),  # when known (a hash has no name)
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("feed_id", "subfeed_hash", name="subfeeds_by_hash"),
+)
+
+feed_messages = Table(
+    "feed_messages",
+    metadata,
+    Column("sf", Integer, primary_key=True),
+    Column("n", BigInteger, primary_key=True),
+    Column("body", LargeBinary, nullable=False),  # canonical CBOR, exactly as signed
+    Column("signature", LargeBinary, nullable=False),
+    Column("chain", LargeBinary, nullable=False),  # the chain hash after this message
+    sqlite_with_rowid=False,  # rows live in the primary-key b-tree: no second index
+)
+
+feed_checkpoints = Table(
+    "feed_checkpoints",
+    metadata,
+    Column("sf", Integer, primary_key=True),
+    Column("count", BigInteger, primary_key=True),
+    Column("chain_hash", LargeBinary, nullable=False),
+    Column("signature", LargeBinary, nullable=False),
+)
+
+feed_forks = Table(
+    "feed_forks",
+    metadata,
+    # Evidence: two different messages with one number, both signed by the feed key.
+    Column("fork_id", Integer, primary_key=True, autoincrement=True),
+    Column("feed_id", String(64), nullable=False),
+    Column("subfeed_hash", String(40), nullable=False),
+    Column("message_number", BigInteger, nullable=False),
+    Column("body_kept", LargeBinary, nullable=False),
+    Column("signature_kept", LargeBinary, nullable=False),
+    Column("body_other", LargeBinary, nullable=False),
+    Column("signature_other", LargeBinary, nullable=False),
+    Column("reported_by", String(64), nullable=True),  # the peer that sent the other message
+    Column("detected_at", Float, nullable=False),
+    UniqueConstraint("feed_id", "subfeed_hash", "message_number", "signature_other"),
+)
+
+feed_grants = Table(
+    "feed_grants",
+    metadata,
+    # On the owner's node: nodes that may submit messages to a subfeed.
+    Column("feed_id", String(64), primary_key=True),
+    Column("subfeed_hash", String(40), primary_key=True),
+    Column("node_id", String(64), primary_key=True),
+    Column("granted_at", Float, nullable=False),
+)
+
+feed_subscriptions = Table(
+    "feed_subscriptions",
+    metadata,
+    # Subfeeds this node follows live, and in which channel.
+    Column("feed_id", String(64), primary_key=True),
+    Column("subfeed_hash", String(40), primary_key=True),
+    Column("channel_id", String(64), primary_key=True),
+    Column("subscribed_at", Float, nullable=False),
+)
+
+
 def _v1_files_and_mutables(conn: Connection) -> None:
     files.create(conn)
     mutables.create(conn)
@@ -129,11 +214,25 @@ def _v3_downloads(conn: Connection) -> None:
     downloads.create(conn)
 
 
+def _v4_feeds(conn: Connection) -> None:
+    for table in (
+        feeds,
+        subfeeds,
+        feed_messages,
+        feed_checkpoints,
+        feed_forks,
+        feed_grants,
+        feed_subscriptions,
+    ):
+        table.create(conn)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_files_and_mutables,
     _v2_channels_and_peers,
     _v3_downloads,
-    # _v4 feeds and _v5 tasks come with their issues.
+    _v4_feeds,
+    # _v5 tasks comes with its issue.
 ]
 """``MIGRATIONS[i]`` moves the schema from version ``i`` to ``i + 1``."""
 

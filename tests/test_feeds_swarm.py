@@ -1,0 +1,541 @@
+"""Feeds between real nodes: real websockets on 127.0.0.1, separate homes, one Trio loop.
+
+Nothing sleeps to wait: tests wait on the feed service's own events (``wait_count``) or on
+``Node.wait_until``, inside ``trio.fail_after`` as a safety net.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from kachery.node.daemon import Node
+from kachery.node.errors import NotPermitted
+from kachery.node.feeds import FeedService
+from kachery.node.peer import Refusal
+from kachery.node.transport import DialError
+from kachery.protocol.codec import encode
+from kachery.protocol.errors import CloseCode, InvalidInput
+from kachery.protocol.feed_messages import FeedGet, FeedPush
+from kachery.protocol.feeds import MAX_BODY_BYTES, SubfeedRef
+from kachery.protocol.uri import subfeed_hash
+from kachery.storage.errors import AlreadyExists, NotFound
+
+from .swarm import WAIT, Swarm, lab, swarm, wait
+
+
+def feeds(node: Node) -> FeedService:
+    return next(s for s in node.services if isinstance(s, FeedService))
+
+
+async def notebook(owner: Node, subfeed: str = "entries") -> tuple[SubfeedRef, str]:
+    feed_id = (await feeds(owner).feed_create("notebook"))["feedId"]
+    return SubfeedRef(feed_id, subfeed_hash(subfeed)), f"feed://{feed_id}/{subfeed}"
+
+
+async def has(node: Node, ref: SubfeedRef, count: int) -> None:
+    with trio.fail_after(WAIT):
+        await feeds(node).wait_count(ref, count)
+
+
+async def connected(a: Node, b: Node) -> None:
+    await wait(a, lambda: b.node_id in a.connections)
+    await wait(b, lambda: a.node_id in b.connections)
+
+
+async def followed_by(follower: Node, owner: Node, ref: SubfeedRef) -> None:
+    """Wait until ``follower`` has subscribed through ``owner`` (it is a source there)."""
+
+    def ready() -> bool:
+        live = feeds(owner)._live.get((ref.feed_id, ref.subfeed_hash))
+        return live is not None and follower.node_id in live.gossip.peers
+
+    await wait(owner, ready)
+
+
+# -- one node ------------------------------------------------------------------------------------
+
+
+async def test_local_feeds_are_created_named_appended_read_listed_and_deleted(
+    tmp_path: Path,
+) -> None:
+    async with swarm(tmp_path) as s:
+        node = await s.start("lab")
+        f = feeds(node)
+        created = await f.feed_create("notebook")
+        assert (await f.feed_create("notebook", exist_ok=True))["feedId"] == created["feedId"]
+        with pytest.raises(AlreadyExists, match="notebook"):
+            await f.feed_create("notebook")
+        uri = f"feed://{created['feedId']}/entries"
+        assert await f.feed_append(uri, [{"n": 1}, "two", [3]]) == {"start": 0, "count": 3}
+        assert await f.feed_append(uri, [None]) == {"start": 3, "count": 1}
+        assert await f.feed_count(uri) == 4
+        read = await f.feed_read(uri, start=1, limit=2, signed=True)
+        assert [m["message"] for m in read["messages"]] == ["two", [3]]
+        assert read["messages"][0]["messageNumber"] == 1
+        assert len(bytes.fromhex(read["messages"][0]["signature"])) == 64
+        assert not read["forked"]
+        # A literal-hash subfeed name (~<sha1>) is the same subfeed.
+        same = f"feed://{created['feedId']}/~{subfeed_hash('entries')}"
+        assert await f.feed_count(same) == 4
+        assert await f.feed_count(f"feed://{created['feedId']}/empty") == 0
+        [listed] = await f.feed_list()
+        assert (listed["name"], listed["owned"]) == ("notebook", True)
+        assert listed["subfeeds"][0]["count"] == 4
+        with pytest.raises(InvalidInput, match="name a subfeed"):
+            await f.feed_append(f"feed://{created['feedId']}", [1])
+        with pytest.raises(InvalidInput, match="not a JSON value"):
+            await f.feed_append(uri, [b"bytes"])
+        with pytest.raises(InvalidInput, match="limit of a feed message"):
+            await f.feed_append(uri, ["x" * 70_000])
+        assert await f.feed_count(uri) == 4  # nothing of a refused append is stored
+        with pytest.raises(InvalidInput, match="destroys its private key"):
+            await f.feed_delete(created["feedId"])
+        deleted = await f.feed_delete(created["feedId"], force=True)
+        assert deleted == {"feedId": created["feedId"], "messages": 4, "owned": True}
+        assert await f.feed_list() == []
+        with pytest.raises(NotFound):
+            await f.feed_count(uri)
+        assert not (node.home.path / "keys" / f"feed-{created['feedId']}").exists()
+
+
+async def test_a_feed_key_is_private_to_its_node_and_only_its_owner_appends(
+    tmp_path: Path,
+) -> None:
+    async with swarm(tmp_path) as s:
+        owner, a, _b, _channel = await lab(s)
+        ref, uri = await notebook(owner)
+        key_file = owner.home.path / "keys" / f"feed-{ref.feed_id}"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        await feeds(a).feed_subscribe(uri, "lab")
+        with pytest.raises(NotPermitted, match="not owned by this node"):
+            await feeds(a).feed_append(uri, ["forged"])
+
+
+async def test_appended_messages_survive_a_restart(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        node = await s.start("lab")
+        ref, uri = await notebook(node)
+        await feeds(node).feed_append(uri, [1, 2, 3])
+        s.stop("lab")
+        await wait(node, lambda: feeds(node)._nursery is not None)
+        node.home.close()
+        again = await s.start("lab")
+        await feeds(again).feed_append(uri, [4])
+        read = await feeds(again).feed_read(uri)
+        assert [m["message"] for m in read["messages"]] == [1, 2, 3, 4]
+        assert feeds(again).count(ref) == 4
+
+
+# -- following live ------------------------------------------------------------------------------
+
+
+async def test_a_subscriber_follows_live_and_watchers_see_each_message_as_it_arrives(
+    tmp_path: Path,
+) -> None:
+    async with swarm(tmp_path) as s:
+        owner, a, _b, _channel = await lab(s)
+        ref, uri = await notebook(owner)
+        await feeds(owner).feed_append(uri, [{"entry": 0}])
+        assert await feeds(a).feed_subscribe(uri, "lab") == {"count": 0, "channel": "lab"}
+        await has(a, ref, 1)
+        seen: list[Any] = []
+        seen_changed = trio.Event()
+
+        async def watcher() -> None:
+            nonlocal seen_changed
+            async for record in feeds(a).feed_watch(uri, start=0):
+                assert isinstance(record, dict)
+                seen.append(record["message"])
+                seen_changed.set()
+                seen_changed = trio.Event()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watcher)
+            for i in range(1, 20):
+                await feeds(owner).feed_append(uri, [{"entry": i}])
+                with trio.fail_after(WAIT):
+                    while len(seen) < i + 1:  # each message reaches the watcher before the next
+                        await seen_changed.wait()
+            nursery.cancel_scope.cancel()
+        assert seen == [{"entry": i} for i in range(20)]
+        assert feeds(owner).stats.pushes_sent >= 19  # eager pushes, not polling
+
+
+async def test_a_follower_waits_with_wait_msec_for_the_next_message(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        owner, a, _b, _channel = await lab(s)
+        ref, uri = await notebook(owner)
+        await feeds(a).feed_subscribe(uri, "lab")
+        await followed_by(a, owner, ref)
+        async with trio.open_nursery() as nursery:
+            result: dict[str, Any] = {}
+
+            async def reader() -> None:
+                result.update(await feeds(a).feed_read(uri, start=0, wait_msec=WAIT * 1000))
+
+            nursery.start_soon(reader)
+            await feeds(owner).feed_append(uri, ["hello"])
+        assert [m["message"] for m in result["messages"]] == ["hello"]
+
+
+async def test_any_member_can_serve_a_feed_not_only_its_owner(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        owner, a, b, _channel = await lab(s)
+        ref, uri = await notebook(owner)
+        await feeds(owner).feed_append(uri, list(range(1200)))
+        await feeds(a).feed_subscribe(uri, "lab")
+        await has(a, ref, 1200)
+        s.stop("owner")
+        await wait(a, lambda: owner.node_id not in a.connections)
+        await wait(b, lambda: owner.node_id not in b.connections)
+        await feeds(b).feed_subscribe(uri, "lab")
+        await has(b, ref, 1200)  # relayed by a, verified by b (checkpoints travel too)
+        read = await feeds(b).feed_read(uri, start=1199)
+        assert read["messages"][0]["message"] == 1199
+        assert feeds(b).stats.proven_by_checkpoint >= 1000
+
+
+async def test_following_resumes_after_a_restart(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        owner, a, _b, _channel = await lab(s)
+        ref, uri = await notebook(owner)
+        await feeds(a).feed_subscribe(uri, "lab")
+        await feeds(owner).feed_append(uri, ["before"])
+        await has(a, ref, 1)
+        s.stop("a")
+        await wait(owner, lambda: a.node_id not in owner.connections)
+        a.home.close()
+        await feeds(owner).feed_append(uri, ["while away"])
+        again = await s.start("a")
+        await has(again, ref, 2)
+        await feeds(owner).feed_append(uri, ["after"])
+        await has(again, ref, 3)
+
+
+# -- write access for others ---------------------------------------------------------------------
+
+
+async def test_a_granted_node_submits_and_the_owner_signs_and_appends(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        owner, a, b, _channel = await lab(s)
+        ref, uri = await notebook(owner)
+        await feeds(a).feed_subscribe(uri, "lab")
+        await connected(b, owner)
+        with pytest.raises(NotPermitted, match="may not write"):
+            await feeds(b).feed_submit(uri, ["not yet"])
+        await feeds(owner).feed_grant(uri, b.node_id)
+        result = await feeds(b).feed_submit(uri, [{"from": "b"}])
+        assert result == {"start": 0, "count": 1, "owner": owner.node_id}
+        await has(a, ref, 1)
+        [record] = (await feeds(a).feed_read(uri))["messages"]
+        assert record["message"] == {"from": "b"}
+        assert record["metaData"] == {"submittedBy": b.node_id}
+        await feeds(owner).feed_grant(uri, b.node_id, revoke=True)
+        with pytest.raises(NotPermitted):
+            await feeds(b).feed_submit(uri, ["revoked"])
+
+
+# -- roles ---------------------------------------------------------------------------------------
+
+
+async def test_request_feeds_is_needed_to_subscribe_and_provide_feeds_to_serve(
+    tmp_path: Path,
+) -> None:
+    async with swarm(tmp_path) as s:
+        owner = await s.start("owner")
+        channel = (await owner.channel_create("lab"))["channelId"]
+        reader = await s.start("reader")  # may follow, may not serve
+        outsider = await s.start("outsider")  # may neither
+        for node, roles in ((reader, ["requestFeeds"]), (outsider, ["requestFiles"])):
+            token = (await owner.channel_invite("lab", roles))["token"]
+            await node.channel_join(token)
+        ref, uri = await notebook(owner)
+        await feeds(owner).feed_append(uri, ["secret"])
+
+        with pytest.raises(NotPermitted, match="requestFeeds"):
+            await feeds(outsider).feed_subscribe(uri, "lab")
+        await connected(outsider, owner)
+        get = FeedGet(
+            id=0,
+            channel=channel,
+            feed_id=ref.feed_id,
+            subfeed_hash=ref.subfeed_hash,
+            start=0,
+            limit=10,
+        )
+        with pytest.raises(NotPermitted, match="lacks role requestFeeds"):
+            await outsider.connections[owner.node_id].request(get)
+
+        await feeds(reader).feed_subscribe(uri, "lab")
+        await has(reader, ref, 1)
+        await connected(reader, outsider)
+        with pytest.raises(NotPermitted, match="does not provide feeds"):
+            await owner.connections[reader.node_id].request(get)
+
+
+# -- faults --------------------------------------------------------------------------------------
+
+
+async def crafted_push(
+    s: Swarm,
+) -> tuple[Node, Node, Node, SubfeedRef, Callable[[int, list[list[bytes]]], Awaitable[None]]]:
+    """An owner, a follower ``a`` that holds message 0, and ``push(start, items)`` which makes
+    member ``b`` send ``a`` a push of hand-made messages over their real session."""
+    owner, a, b, channel = await lab(s)
+    ref, uri = await notebook(owner)
+    await feeds(owner).feed_append(uri, ["genuine 0"])
+    await feeds(a).feed_subscribe(uri, "lab")
+    await has(a, ref, 1)
+    await connected(a, b)
+
+    async def push(start: int, items: list[list[bytes]]) -> None:
+        msg = FeedPush(
+            channel=channel,
+            feed_id=ref.feed_id,
+            subfeed_hash=ref.subfeed_hash,
+            start=start,
+            messages=items,
+            checkpoints=[],
+        )
+        before = feeds(a).stats.offences
+        await b.connections[a.node_id].send(msg)
+        await wait(a, lambda: feeds(a).stats.offences > before)
+
+    return owner, a, b, ref, push
+
+
+def forge(
+    owner: Node, ref: SubfeedRef, number: int, previous: bytes | None, **fields: Any
+) -> list[bytes]:
+    """A message body signed with the real feed key (as only a compromised owner could)."""
+    body = {
+        "feedId": ref.feed_id,
+        "subfeedHash": ref.subfeed_hash,
+        "messageNumber": number,
+        "previousSignature": previous,
+        "timestamp": 1,
+        "message": "forged",
+        "metaData": {},
+        **fields,
+    }
+    data = encode(body)
+    key = feeds(owner)._key(ref.feed_id)
+    assert key is not None
+    return [data, key.sign(data)]
+
+
+async def genuine(owner: Node, ref: SubfeedRef, n: int) -> list[bytes]:
+    live = feeds(owner)._live[(ref.feed_id, ref.subfeed_hash)]
+    [item] = await feeds(owner).read_items(live, n, 1)
+    return [item[0], item[1]]
+
+
+async def test_a_message_with_a_bad_signature_is_rejected_and_its_sender_penalised(
+    tmp_path: Path,
+) -> None:
+    async with swarm(tmp_path) as s:
+        owner, a, b, ref, push = await crafted_push(s)
+        first = await genuine(owner, ref, 0)
+        body = forge(owner, ref, 1, first[1])[0]
+        await push(1, [[body, bytes(64)]])
+        assert feeds(a).count(ref) == 1
+        assert feeds(a).penalties.offences[b.node_id] == 1
+
+
+async def test_a_message_with_a_wrong_number_is_rejected_and_its_sender_penalised(
+    tmp_path: Path,
+) -> None:
+    async with swarm(tmp_path) as s:
+        owner, a, b, ref, push = await crafted_push(s)
+        first = await genuine(owner, ref, 0)
+        await push(1, [forge(owner, ref, 5, first[1])])  # validly signed, claims number 5
+        assert feeds(a).count(ref) == 1
+        assert feeds(a).penalties.offences[b.node_id] == 1
+
+
+async def test_a_broken_chain_is_rejected_and_its_sender_penalised(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        owner, a, b, ref, push = await crafted_push(s)
+        first = await genuine(owner, ref, 0)
+        good = forge(owner, ref, 1, first[1])
+        broken = forge(owner, ref, 2, bytes(64))  # does not link to message 1
+        await push(1, [good, broken])
+        assert feeds(a).count(ref) == 1  # the whole batch is refused, nothing stored
+        # A validly signed message that does not follow a's head, and no conflicting message
+        # behind it: b cannot show a fork, so it is b's fault too.
+        await push(1, [forge(owner, ref, 1, bytes(64))])
+        assert feeds(a).count(ref) == 1
+        assert feeds(a).penalties.offences[b.node_id] == 2
+        assert await feeds(a).feed_forks() == []
+
+
+async def test_an_oversized_message_is_rejected_and_its_sender_penalised(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        owner, a, b, ref, push = await crafted_push(s)
+        first = await genuine(owner, ref, 0)
+        big = forge(owner, ref, 1, first[1], message="x" * MAX_BODY_BYTES)
+        await push(1, [big])
+        assert feeds(a).count(ref) == 1
+        assert feeds(a).penalties.offences[b.node_id] == 1
+
+
+async def test_a_repeat_offender_is_cut_off_and_its_feed_traffic_refused(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        owner, a, b, ref, push = await crafted_push(s)
+        first = await genuine(owner, ref, 0)
+        bad = [forge(owner, ref, 1, first[1])[0], bytes(64)]
+        await push(1, [bad])
+        await push(1, [bad])
+        await push(1, [bad])  # the third offence closes the session
+        await wait(a, lambda: b.node_id not in a.connections)
+        assert b.node_id in feeds(a).statistics()["banned"]
+        # The genuine feed still flows from the owner.
+        await feeds(owner).append(ref, ["genuine 1"])
+        await has(a, ref, 2)
+
+
+# -- forks ---------------------------------------------------------------------------------------
+
+
+async def test_a_fork_is_detected_kept_as_evidence_and_never_overwrites_history(
+    tmp_path: Path,
+) -> None:
+    async with swarm(tmp_path) as s:
+        owner, twin, follower, _channel = await lab(s)
+        ref, uri = await notebook(owner)
+        key = feeds(owner)._key(ref.feed_id)
+        assert key is not None
+        await feeds(twin).adopt_key(key.seed)  # the owner's key used on a second machine
+        await feeds(follower).feed_subscribe(uri, "lab")
+        await followed_by(follower, owner, ref)
+        await followed_by(follower, twin, ref)
+
+        await feeds(owner).feed_append(uri, ["A0: from the owner"])
+        await has(follower, ref, 1)
+        await feeds(twin).feed_append(uri, ["B0: from the twin"])
+        await wait(follower, lambda: feeds(follower).stats.forks == 1)
+
+        [fork] = await feeds(follower).feed_forks()
+        assert fork["messageNumber"] == 0
+        assert fork["kept"]["message"] == "A0: from the owner"
+        assert fork["other"]["message"] == "B0: from the twin"
+        assert fork["reportedBy"] == twin.node_id
+        # The twin's branch goes on; the follower keeps the first history and refuses it.
+        await feeds(twin).feed_append(uri, ["B1"])
+        await feeds(owner).feed_append(uri, ["A1"])
+        await has(follower, ref, 2)
+        read = await feeds(follower).feed_read(uri)
+        assert [m["message"] for m in read["messages"]] == ["A0: from the owner", "A1"]
+        assert read["forked"]
+        assert feeds(follower).penalties.offences.get(twin.node_id, 0) == 0  # not its fault
+
+
+# -- partitions and late joiners ----------------------------------------------------------------
+
+
+def partition(nodes: list[Node], halves: tuple[set[str], set[str]]) -> Callable[[], None]:
+    """Refuse sessions across the two halves (both dialing and accepting); returns heal()."""
+    originals: list[tuple[Node, Any, Any]] = []
+    for node in nodes:
+        other = halves[1] if node.node_id in halves[0] else halves[0]
+        connect, admit = node.connect, node._admit
+
+        async def blocked_connect(
+            address: str,
+            *,
+            expected_peer: str | None = None,
+            invite: Any = None,
+            _c=connect,
+            _o=other,
+        ) -> Any:
+            if expected_peer in _o:
+                raise DialError(f"{address}: partitioned (test)")
+            return await _c(address, expected_peer=expected_peer, invite=invite)
+
+        async def blocked_admit(session: Any, identified: Any, _a=admit, _o=other) -> Any:
+            if identified.node_id in _o:
+                raise Refusal(CloseCode.GOING_AWAY, "partitioned (test)")
+            return await _a(session, identified)
+
+        node.connect = blocked_connect  # type: ignore[method-assign]
+        node._admit = blocked_admit  # type: ignore[method-assign]
+        originals.append((node, connect, admit))
+
+    def heal() -> None:
+        for node, connect, admit in originals:
+            node.connect = connect  # type: ignore[method-assign]
+            node._admit = admit  # type: ignore[method-assign]
+            node._backoff.clear()
+            node._wake_dialer.set()
+
+    return heal
+
+
+async def test_a_partitioned_swarm_keeps_reading_and_converges_after_healing(
+    tmp_path: Path,
+) -> None:
+    async with swarm(tmp_path) as s:
+        owner, a, b, _channel = await lab(s)
+        c, d = await s.start("c"), await s.start("d")
+        for node in (c, d):
+            await node.channel_join((await owner.channel_invite("lab", ["all"]))["token"])
+        nodes = [owner, a, b, c, d]
+        for x in nodes:
+            await wait(x, lambda x=x: len(x.connections) == 4)
+        ref, uri = await notebook(owner)
+        await feeds(owner).feed_append(uri, list(range(10)))
+        for follower in (a, b, c, d):
+            await feeds(follower).feed_subscribe(uri, "lab")
+            await has(follower, ref, 10)
+
+        left = {owner.node_id, a.node_id, b.node_id}
+        right = {c.node_id, d.node_id}
+        heal = partition(nodes, (left, right))
+        for x in nodes:
+            for peer, conn in list(x.connections.items()):
+                if (x.node_id in left) != (peer in left):
+                    await conn.close(CloseCode.GOING_AWAY, "partition (test)")
+        for x in nodes:
+            await wait(x, lambda x=x: len(x.connections) == (2 if x.node_id in left else 1))
+
+        for i in range(10, 60):  # the owner keeps appending, one message at a time
+            await feeds(owner).append(ref, [i])
+        await has(a, ref, 60)
+        await has(b, ref, 60)
+        for x in (c, d):  # the other half keeps reading what it holds
+            read = await feeds(x).feed_read(uri, start=5, limit=100)
+            assert [m["message"] for m in read["messages"]] == list(range(5, 10))
+
+        heal()
+        for x in nodes:
+            await wait(x, lambda x=x: len(x.connections) == 4)
+        for x in (c, d):
+            await has(x, ref, 60)
+            read = await feeds(x).feed_read(uri, start=0, limit=100)
+            assert [m["message"] for m in read["messages"]] == list(range(60))
+
+
+@pytest.mark.slow
+async def test_a_late_joiner_catches_up_100k_messages_then_follows_live(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        owner, _a, _b, _channel = await lab(s)
+        ref, uri = await notebook(owner)
+        for start in range(0, 100_000, 1000):
+            await feeds(owner).append(ref, [{"n": n} for n in range(start, start + 1000)])
+        late = await s.start("late")
+        await late.channel_join((await owner.channel_invite("lab", ["all"]))["token"])
+        await feeds(late).feed_subscribe(uri, "lab")
+        with trio.fail_after(120):
+            await feeds(late).wait_count(ref, 100_000)
+        stats = feeds(late).stats
+        assert stats.proven_by_checkpoint >= 99_000  # one signature per batch, not per message
+        for n in range(100_000, 100_010):
+            await feeds(owner).append(ref, [{"n": n}])
+            await has(late, ref, n + 1)
+        read = await feeds(late).feed_read(uri, start=99_998, limit=4)
+        assert [m["message"]["n"] for m in read["messages"]] == [99_998, 99_999, 100_000, 100_001]
