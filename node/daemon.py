@@ -21,7 +21,9 @@ import functools
 import logging
 import os
 import random
+import signal
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -804,6 +806,23 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
+async def _stop_on_signals(
+    node: Node, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Ctrl-C (SIGINT) or SIGTERM (a service manager) starts an orderly shutdown.
+
+    Handling the signal here, rather than letting Trio raise KeyboardInterrupt wherever the
+    daemon happens to be (inside hypercorn, mid-request), makes the stop deterministic. Once the
+    first signal is handled the default behaviour returns: a second Ctrl-C interrupts at once.
+    """
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("%s received: stopping", signal.Signals(signum).name)
+            node.shutdown_requested.set()
+            return
+
+
 def tune_malloc() -> bool:
     """Let glibc serve the daemon's large, short-lived buffers from its heap.
 
@@ -890,6 +909,8 @@ async def serve_node(
                 "listen": f"{node.listen_host}:{node.listen_port}",
             },
         )
+        if threading.current_thread() is threading.main_thread():
+            await nursery.start(_stop_on_signals, node)
         log.info("local API on 127.0.0.1:%d", bound_api)
         task_status.started(node)
         try:

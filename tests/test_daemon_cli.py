@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,3 +80,20 @@ def test_a_member_restarted_from_the_command_line_rejoins(daemons: dict[str, Dae
     assert [p["nodeId"] for p in peers] == [owner.node_id]
     assert owner.stop() == 0
     assert a.stop() == 0
+
+
+def test_ctrl_c_after_a_burst_of_api_calls_and_sigterm_both_stop_cleanly(
+    daemons: dict[str, Daemon],
+) -> None:
+    node = daemons["n"]
+    node.start()
+    for _ in range(30):
+        node.cli("status")
+    assert node.stop() == 0  # SIGINT
+    assert "SIGINT received: stopping" in "".join(node.log)
+    node.start()
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGTERM)
+    assert node.proc.wait(timeout=30) == 0
+    node.kill()
+    assert not (node.home / "daemon.json").exists()
