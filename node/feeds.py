@@ -97,7 +97,6 @@ from kachery.storage.feeds import FeedStore, Rows, WriteBusy
 
 from .api import StreamResult, exposed
 from .errors import NotPermitted, Unavailable
-from .home import KEYS_DIR, _read_key, _write_key
 from .peer import PeerConnection
 
 if TYPE_CHECKING:
@@ -337,10 +336,9 @@ class FeedService:
     def _key(self, feed_id: str) -> KeyPair | None:
         key = self._keys.get(feed_id)
         if key is None:
-            path = self.node.home.path / KEYS_DIR / f"feed-{feed_id}"
-            if not path.exists():
-                return None
-            key = self._keys[feed_id] = KeyPair(_read_key(path))
+            key = self.node.home.key("feed", feed_id)
+            if key is not None:
+                self._keys[feed_id] = key
         return key
 
     async def adopt_key(self, seed: bytes, *, name: str | None = None) -> str:
@@ -350,11 +348,7 @@ class FeedService:
         it on purpose.
         """
         key = KeyPair(seed)
-        keys_dir = self.node.home.path / KEYS_DIR
-        keys_dir.mkdir(mode=0o700, exist_ok=True)
-        path = keys_dir / f"feed-{key.id}"
-        if not path.exists():
-            await self.node.run_sync(_write_key, path, seed)
+        await self.node.run_sync(self.node.home.save_key, "feed", key)
         self._keys[key.id] = key
         await self.node.run_sync(
             functools.partial(self.store.add_feed, key.id, name=name, owned=True)
@@ -1378,8 +1372,7 @@ class FeedService:
         self._grants = {k: v for k, v in self._grants.items() if k[0] != feed_id}
         if owned:
             self._keys.pop(feed_id, None)
-            path = self.node.home.path / KEYS_DIR / f"feed-{feed_id}"
-            path.unlink(missing_ok=True)
+            self.node.home.forget_key("feed", feed_id)
         self.node.notify()
         return {"feedId": feed_id, "messages": removed, "owned": owned}
 

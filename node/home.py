@@ -3,7 +3,7 @@
 ``$KACHERY_NODE_HOME`` (default ``~/.kachery-node``) holds::
 
     node-key          the node's Ed25519 seed, hex, mode 0600; never sent anywhere
-    keys/channel-<id> owner keys of channels this node created (mode 0600)
+    keys/<kind>-<id>  private keys of channels this node owns and feeds it writes (mode 0600)
     kachery-node-id   the node ID (kachery-daemon kept this file too)
     kachery.db        SQLite database (WAL): file index, mutables, and later channels, feeds, tasks
     store/sha1/...    the blob store, in kachery's layout
@@ -36,6 +36,7 @@ HOME_ENV = "KACHERY_NODE_HOME"
 DATABASE_URL_ENV = "KACHERY_NODE_DATABASE_URL"
 KEY_FILE = "node-key"
 KEYS_DIR = "keys"
+KEY_KINDS = ("channel", "feed")
 NODE_ID_FILE = "kachery-node-id"
 
 
@@ -109,16 +110,30 @@ class NodeHome:
     def channels(self) -> Channels:
         return Channels(self.database)
 
-    def save_channel_key(self, key: KeyPair) -> None:
-        """Keep the private key of a channel this node owns (mode 0600, never sent anywhere)."""
-        keys = self.path / KEYS_DIR
-        keys.mkdir(mode=0o700, exist_ok=True)
-        _write_key(keys / f"channel-{key.id}", key.seed)
+    def _key_path(self, kind: str, key_id: str) -> Path:
+        if kind not in KEY_KINDS:
+            raise ValueError(f"unknown kind of key {kind!r}")
+        return self.path / KEYS_DIR / f"{kind}-{key_id}"
 
-    def channel_key(self, channel_id: str) -> KeyPair | None:
-        """The owner key of a channel, if this node owns it."""
-        path = self.path / KEYS_DIR / f"channel-{channel_id}"
+    def save_key(self, kind: str, key: KeyPair) -> None:
+        """Keep a private key this node holds (``kind`` is ``channel`` or ``feed``).
+
+        Written to ``keys/<kind>-<id>`` with mode 0600; never sent anywhere. Keeping a key that is
+        already kept changes nothing.
+        """
+        path = self._key_path(kind, key.id)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        if not path.exists():
+            _write_key(path, key.seed)
+
+    def key(self, kind: str, key_id: str) -> KeyPair | None:
+        """A private key this node holds (a channel it owns, a feed it writes), else None."""
+        path = self._key_path(kind, key_id)
         return KeyPair(_read_key(path)) if path.exists() else None
+
+    def forget_key(self, kind: str, key_id: str) -> None:
+        """Delete a private key: whatever it signed can no longer be extended from this node."""
+        self._key_path(kind, key_id).unlink(missing_ok=True)
 
     def close(self) -> None:
         if "database" in self.__dict__:

@@ -184,7 +184,7 @@ class Membership:
             await self.on_change(channel_id)
 
     def _signer(self, channel_id: str) -> KeyPair:
-        owner = self.home.channel_key(channel_id)
+        owner = self.home.key("channel", channel_id)
         if owner is not None:
             return owner
         if Role.ADMIN in self.roles_of(channel_id, self.node_id):
@@ -218,7 +218,7 @@ class Membership:
             issued_at=now_ms(),
         )
         await self._run_sync(self.home.channels.add, owner.id, name)
-        await self._run_sync(self.home.save_channel_key, owner)
+        await self._run_sync(self.home.save_key, "channel", owner)
         self._histories[owner.id] = ChannelHistory(owner.id)
         self._names[owner.id] = name
         await self._publish(owner.id, doc)
@@ -361,7 +361,7 @@ class Membership:
             raise NotFound(
                 f"{node_id[:16]}... is not a member of channel {self.name_of(channel_id)}"
             )
-        if node_id == self.node_id and self.home.channel_key(channel_id) is not None:
+        if node_id == self.node_id and self.home.key("channel", channel_id) is not None:
             raise InvalidInput("the owner's node cannot remove itself; use 'leave' on another node")
         return await self._publish(
             channel_id, current.doc.without_member(node_id, issued_at=now_ms())
@@ -388,7 +388,7 @@ class Membership:
             "members": 0 if doc is None else len(doc.members),
             "roles": sorted(r.value for r in self.roles_of(channel_id, self.node_id)),
             "member": self.is_member(channel_id, self.node_id),
-            "owner": self.home.channel_key(channel_id) is not None,
+            "owner": self.home.key("channel", channel_id) is not None,
         }
 
 
