@@ -23,7 +23,8 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import trio
@@ -104,6 +105,24 @@ def raise_for_reply(reply: ErrorReply) -> None:
 # -- handshakes ----------------------------------------------------------------------------------
 
 
+@asynccontextmanager
+async def _handshake_errors(link: Link, closed: str) -> AsyncIterator[None]:
+    """Bound a handshake by HANDSHAKE_TIMEOUT and turn what can go wrong into HandshakeFailed,
+    closing the link with the protocol's close code when the peer misbehaved."""
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            yield
+    except trio.TooSlowError:
+        await link.close(CloseCode.GOING_AWAY, "handshake timed out")
+        raise HandshakeFailed(f"{link.remote}: handshake timed out") from None
+    except RemoteProtocolError as exc:
+        await link.close(exc.close_code, str(exc))
+        raise HandshakeFailed(f"{link.remote}: {exc}", exc.close_code) from None
+    except LinkClosed as exc:
+        reason = f": {exc.reason}" if exc.reason else ""
+        raise HandshakeFailed(f"{link.remote} {closed}{reason}", exc.code) from None
+
+
 async def handshake_as_initiator(
     link: Link,
     identity: KeyPair,
@@ -123,23 +142,12 @@ async def handshake_as_initiator(
         nonce=os.urandom(32),
         expected_peer=expected_peer,
     )
-    try:
-        with trio.fail_after(HANDSHAKE_TIMEOUT):
-            await link.send(session.send_hello())
-            identified = session.receive(await link.receive())
-            assert isinstance(identified, ResponderIdentified)
-            await link.send(session.send_identity(make_claim(session, identified)))
-            verdict = session.receive(await link.receive())
-    except trio.TooSlowError:
-        await link.close(CloseCode.GOING_AWAY, "handshake timed out")
-        raise HandshakeFailed(f"{link.remote}: handshake timed out") from None
-    except RemoteProtocolError as exc:
-        await link.close(exc.close_code, str(exc))
-        raise HandshakeFailed(f"{link.remote}: {exc}", exc.close_code) from None
-    except LinkClosed as exc:
-        raise HandshakeFailed(
-            f"{link.remote} closed the connection: {exc.reason}", exc.code
-        ) from None
+    async with _handshake_errors(link, "closed the connection"):
+        await link.send(session.send_hello())
+        identified = session.receive(await link.receive())
+        assert isinstance(identified, ResponderIdentified)
+        await link.send(session.send_identity(make_claim(session, identified)))
+        verdict = session.receive(await link.receive())
     if isinstance(verdict, Refused):
         await link.close(verdict.code, verdict.reason)
         raise HandshakeFailed(f"refused by {link.remote}: {verdict.reason}", verdict.code)
@@ -162,30 +170,21 @@ async def handshake_as_responder(
     session = Session(
         Side.RESPONDER, identity, ephemeral_secret=os.urandom(32), nonce=os.urandom(32)
     )
-    try:
-        with trio.fail_after(HANDSHAKE_TIMEOUT):
-            session.receive(await link.receive())
-            await link.send(session.send_ack(observed_address))
-            identified = session.receive(await link.receive())
-            assert isinstance(identified, InitiatorIdentified)
-            try:
-                admission = await admit(session, identified)
-            except Refusal as refusal:
-                await link.send(session.send_refusal(refusal.code, refusal.reason))
-                await link.close(refusal.code, refusal.reason)
-                raise HandshakeFailed(
-                    f"refused {identified.node_id[:16]}... from {link.remote}: {refusal.reason}",
-                    refusal.code,
-                ) from None
-            await link.send(session.send_welcome(admission))
-    except trio.TooSlowError:
-        await link.close(CloseCode.GOING_AWAY, "handshake timed out")
-        raise HandshakeFailed(f"{link.remote}: handshake timed out") from None
-    except RemoteProtocolError as exc:
-        await link.close(exc.close_code, str(exc))
-        raise HandshakeFailed(f"{link.remote}: {exc}", exc.close_code) from None
-    except LinkClosed as exc:
-        raise HandshakeFailed(f"{link.remote} went away during the handshake", exc.code) from None
+    async with _handshake_errors(link, "went away during the handshake"):
+        session.receive(await link.receive())
+        await link.send(session.send_ack(observed_address))
+        identified = session.receive(await link.receive())
+        assert isinstance(identified, InitiatorIdentified)
+        try:
+            admission = await admit(session, identified)
+        except Refusal as refusal:
+            await link.send(session.send_refusal(refusal.code, refusal.reason))
+            await link.close(refusal.code, refusal.reason)
+            raise HandshakeFailed(
+                f"refused {identified.node_id[:16]}... from {link.remote}: {refusal.reason}",
+                refusal.code,
+            ) from None
+        await link.send(session.send_welcome(admission))
     return session, identified, admission
 
 
