@@ -65,3 +65,26 @@ async def lab(s: Swarm, roles: str = "all") -> tuple[Node, Node, Node, str]:
         token = (await owner.channel_invite("lab", roles.split(",")))["token"]
         await node.channel_join(token)
     return owner, a, b, channel
+
+
+async def channel_of(
+    s: Swarm,
+    names: list[str],
+    roles: dict[str, str] | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
+) -> list[Node]:
+    """The first node creates channel 'lab'; the others join with the given roles (default all)."""
+    roles = roles or {}
+    options = options or {}
+    first = await s.start(names[0], **options.get(names[0], {}))
+    await first.channel_create("lab")
+    nodes = [first]
+    for name in names[1:]:
+        node = await s.start(name, **options.get(name, {}))
+        token = (await first.channel_invite("lab", roles.get(name, "all").split(",")))["token"]
+        await node.channel_join(token)
+        nodes.append(node)
+    for node in nodes:
+        others = {n.node_id for n in nodes if n is not node}
+        await wait(node, lambda node=node, others=others: others <= set(node.connections))
+    return nodes

@@ -21,7 +21,7 @@ from kachery.protocol.messages import DocRequest
 from kachery.storage import NotFound
 from kachery.storage.files import FileEntry
 
-from .swarm import WAIT, Swarm, swarm, wait
+from .swarm import WAIT, channel_of, swarm, wait
 
 PIECE = 20_000_000
 SLOW = 40e6
@@ -39,29 +39,6 @@ def store_random(
     path = tmp_path / f"{node.node_id[:8]}-{name}"
     path.write_bytes(data)
     return node.home.files.store_path(path), data
-
-
-async def channel_of(
-    s: Swarm,
-    names: list[str],
-    roles: dict[str, str] | None = None,
-    options: dict[str, dict[str, Any]] | None = None,
-) -> list[Node]:
-    """The first node creates channel 'lab'; the others join with the given roles (default all)."""
-    roles = roles or {}
-    options = options or {}
-    first = await s.start(names[0], **options.get(names[0], {}))
-    await first.channel_create("lab")
-    nodes = [first]
-    for name in names[1:]:
-        node = await s.start(name, **options.get(name, {}))
-        token = (await first.channel_invite("lab", roles.get(name, "all").split(",")))["token"]
-        await node.channel_join(token)
-        nodes.append(node)
-    for node in nodes:
-        others = {n.node_id for n in nodes if n is not node}
-        await wait(node, lambda node=node, others=others: others <= set(node.connections))
-    return nodes
 
 
 def nothing_partial(node: Node) -> bool:
