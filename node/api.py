@@ -27,7 +27,7 @@ import logging
 import os
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -87,6 +87,11 @@ class MethodSpec:
 
     func: Callable[..., Any]
     streams: bool = False
+    signature: inspect.Signature = field(init=False, compare=False)
+    """The parameters a call's arguments are checked against (computed once)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "signature", inspect.signature(self.func))
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,7 +449,7 @@ def _arguments(name: str, spec: MethodSpec, body: bytes) -> dict[str, Any]:
             400, "InvalidInput", f"the body of {name} must be a JSON object of keyword arguments"
         )
     try:
-        inspect.signature(spec.func).bind(**value)
+        spec.signature.bind(**value)
     except TypeError as exc:
         raise _Refused(400, "InvalidInput", f"wrong arguments for {name}: {exc}") from None
     return value

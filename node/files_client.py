@@ -29,7 +29,7 @@ from .home import NodeHome
 
 
 def _home() -> NodeHome:
-    return NodeHome.open()
+    return NodeHome.shared()
 
 
 def store_file(path: str | Path, basename: str | None = None) -> str:

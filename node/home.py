@@ -46,6 +46,10 @@ def default_home() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".kachery-node"
 
 
+_SHARED: dict[tuple[Path, int, int, str | None], NodeHome] = {}
+"""Homes opened by ``NodeHome.shared`` in this process."""
+
+
 class NodeHome:
     """An initialized node home. Open one with ``NodeHome.open`` or create it with ``init``."""
 
@@ -88,6 +92,27 @@ class NodeHome:
         if not key_path.exists():
             raise NotInitialized(f"no kachery node at {path}: run 'kachery-node init' first")
         return cls(path, KeyPair(_read_key(key_path)))
+
+    @classmethod
+    def shared(cls, path: Path | None = None) -> NodeHome:
+        """``open``, reusing the home this process opened before (and its database engine, which
+        costs a millisecond or more to create), as long as its key file is the same file.
+
+        For the client library, whose every call would otherwise open the home afresh.
+
+        Raises:
+            NotInitialized: there is no node key there yet.
+        """
+        path = (path or default_home()).expanduser().absolute()
+        try:
+            key_stat = (path / KEY_FILE).stat()
+        except OSError:
+            return cls.open(path)  # says what is missing
+        ident = (path, key_stat.st_ino, key_stat.st_mtime_ns, os.environ.get(DATABASE_URL_ENV))
+        home = _SHARED.get(ident)
+        if home is None:
+            home = _SHARED[ident] = cls.open(path)
+        return home
 
     @cached_property
     def database(self) -> Database:

@@ -13,12 +13,12 @@ from .home import NodeHome
 
 def set(key: JSONValue, value: JSONValue, *, update: bool = True) -> None:
     """Set a node-local key (kachery-client's ``set``)."""
-    NodeHome.open().mutables.set(key, value, update=update)
+    NodeHome.shared().mutables.set(key, value, update=update)
 
 
 def get(key: JSONValue) -> JSONValue:
     """A node-local key's value, or None."""
-    return NodeHome.open().mutables.get(key)
+    return NodeHome.shared().mutables.get(key)
 
 
 __all__ = ["get", "set"]
