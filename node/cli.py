@@ -25,6 +25,7 @@ from kachery.protocol.uri import FileURI, parse_file_uri
 from kachery.storage.errors import NotFound
 
 from .cli_feeds import add_feed_commands
+from .cli_groups import Command, action_group
 from .client import DaemonClient
 from .errors import DaemonNotRunning
 from .home import HOME_ENV, NodeHome, default_home
@@ -35,8 +36,6 @@ DEFAULT_LISTEN_PORT = 20432
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_LISTEN_PORT}"
 DEFAULT_API_PORT = 20431
 """kachery-daemon's API port, so tools that probe it find kachery-node."""
-
-Command = Callable[[argparse.Namespace, TextIO], int]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -256,12 +255,7 @@ def _add_daemon_commands(
         "  kachery-node channel invite lab --roles requestFiles,provideFiles --expires 2d\n"
         "  kachery-node channel members lab",
     )
-    csub = p.add_subparsers(title="channel commands", metavar="ACTION", required=True)
-
-    def action(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
-        a = csub.add_parser(name, help=help_text, description=help_text)
-        a.set_defaults(command=func)
-        return a
+    action = action_group(p, "channel")
 
     a = action("create", cmd_channel_create, "create a channel, with this node as its admin")
     a.add_argument("name", metavar="NAME", help="this node's name for it (no spaces)")

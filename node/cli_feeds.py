@@ -19,10 +19,9 @@ from typing import Any, TextIO
 
 from kachery.protocol.errors import InvalidInput
 
+from .cli_groups import action_group
 from .client import DaemonClient
 from .home import NodeHome
-
-Command = Callable[[argparse.Namespace, TextIO], int]
 
 EPILOG = """examples:
   id=$(kachery-node feed create notebook)
@@ -41,12 +40,7 @@ def add_feed_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
         "signed append-only logs: create, append, read, watch live, share",
         EPILOG,
     )
-    sub = p.add_subparsers(title="feed commands", metavar="ACTION", required=True)
-
-    def action(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
-        a = sub.add_parser(name, help=help_text, description=help_text)
-        a.set_defaults(command=func)
-        return a
+    action = action_group(p, "feed")
 
     a = action("create", cmd_feed_create, "create a feed owned by this node; print its ID")
     a.add_argument("name", nargs="?", metavar="NAME", help="a local name to find it by")

@@ -1,0 +1,30 @@
+"""What the command modules share: the command signature and groups of actions
+(``kachery-node channel create``, ``feed append``, ``task request``, ...).
+
+Non-goals: the commands themselves (cli.py, cli_feeds.py, cli_tasks.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import TextIO
+
+Command = Callable[[argparse.Namespace, TextIO], int]
+"""A command: its parsed arguments and stdout in, an exit code out."""
+
+Action = Callable[[str, Command, str], argparse.ArgumentParser]
+"""Adds one action to a group: its name, command and help text; returns its parser."""
+
+
+def action_group(parser: argparse.ArgumentParser, noun: str) -> Action:
+    """Give ``parser`` (a command like ``feed``) required actions; returns the function that
+    adds one (``action("append", cmd_feed_append, "append messages")``)."""
+    sub = parser.add_subparsers(title=f"{noun} commands", metavar="ACTION", required=True)
+
+    def action(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
+        a = sub.add_parser(name, help=help_text, description=help_text)
+        a.set_defaults(command=func)
+        return a
+
+    return action
