@@ -26,6 +26,7 @@ from kachery.storage.errors import NotFound
 
 from .cli_feeds import add_feed_commands
 from .cli_groups import Command, action_group
+from .cli_tasks import add_task_commands
 from .client import DaemonClient
 from .errors import DaemonNotRunning
 from .home import HOME_ENV, NodeHome, default_home
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     ml.set_defaults(command=cmd_mutable_list)
 
     add_feed_commands(command)
+    add_task_commands(command)
     _add_daemon_commands(command)
     return parser
 

@@ -33,8 +33,10 @@ def build_services(node: Node) -> list[Service]:
     """Create the node's services (each registers its handlers with ``node``)."""
     from .feeds import FeedService
     from .files import FileService
+    from .tasks import TaskService
 
     return [
         FileService(node, max_upload_rate=node.max_upload_rate),
         FeedService(node),
+        TaskService(node),
     ]

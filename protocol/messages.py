@@ -65,9 +65,9 @@ class MsgType(IntEnum):
     TASK_REQUEST = 70
     TASK_REQUEST_RESPONSE = 71
     TASK_STATUS = 72
-    TASK_CLAIM = 73
-    TASK_CLAIM_RESPONSE = 74
-    TASK_RESULT = 75
+    TASK_PROVIDERS = 73
+    TASK_CANCEL = 74
+    # 75: unused (results travel in TASK_STATUS); never give it another meaning.
     TASK_LOOKUP = 76
     TASK_LOOKUP_RESPONSE = 77
 

@@ -66,8 +66,8 @@ class Watch:
             self.proc.stdout.close()
 
 
-def feeds_demo(nodes: dict[str, Daemon], base: Path) -> None:
-    """Part: feeds. alice keeps a lab notebook; bob follows it live; the owner relays it."""
+def feeds_demo(nodes: dict[str, Daemon], base: Path) -> str:
+    """Part: feeds. alice keeps a lab notebook; bob follows it live. Returns its URI."""
     owner, alice, bob = nodes["owner"], nodes["alice"], nodes["bob"]
     say("Feeds: signed append-only logs. alice starts a lab notebook (a feed is a key pair).")
     feed_id = show(alice, "feed", "create", "notebook")
@@ -111,7 +111,14 @@ def feeds_demo(nodes: dict[str, Daemon], base: Path) -> None:
         f" signature {record['signature'][:32]}..."
     )
     show(bob, "feed", "list")
+    return uri
+
+
+def relay_demo(nodes: dict[str, Daemon], base: Path, uri: str) -> None:
+    """Part: alice goes offline; bob relays her notebook to the owner."""
+    owner, alice, bob = nodes["owner"], nodes["alice"], nodes["bob"]
     say("alice goes offline; bob serves the notebook to the owner, who follows it from him:")
+    held = len(bob.cli("feed", "read", uri).splitlines())
     DaemonClient(alice.home).call("shutdown")
     assert alice.proc is not None
     alice.proc.wait(timeout=60)
@@ -119,7 +126,7 @@ def feeds_demo(nodes: dict[str, Daemon], base: Path) -> None:
     show(owner, "feed", "subscribe", uri, "lab")
     relayed = Watch(owner, uri)
     try:
-        lines = [relayed.line() for _ in range(6)]
+        lines = [relayed.line() for _ in range(held)]
     finally:
         relayed.stop()
     print(f"owner now holds {len(lines)} messages, the last: {lines[-1]}")

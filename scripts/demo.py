@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from _demo_feeds import feeds_demo
+from _demo_feeds import feeds_demo, relay_demo
+from _demo_tasks import offline_tasks_demo, tasks_demo
 
 from kachery.node.testing import Daemon
 from kachery.protocol import parse_file_uri
@@ -136,7 +137,10 @@ def main() -> None:
         with lab_swarm(base) as nodes:
             channel_part(nodes, base)
             files_part(nodes, base)
-            feeds_demo(nodes, base)
+            notebook = feeds_demo(nodes, base)
+            calculation = tasks_demo(nodes, base, notebook)
+            relay_demo(nodes, base, notebook)
+            offline_tasks_demo(nodes, calculation)
     print("\ndemo finished; its temporary node homes are removed.")
 
 

@@ -200,6 +200,38 @@ feed_subscriptions = Table(
 )
 
 
+# -- tasks (schema version 5) ---------------------------------------------------------------------
+
+task_results = Table(
+    "task_results",
+    metadata,
+    # A result held here: a pure calculation's (shared with the channel), or a query's last one.
+    Column("task_id", String(40), primary_key=True),  # kachery's task hash
+    Column("kwargs_digest", String(40), primary_key=True),  # exact arguments (floats kept)
+    Column("task_type", String(20), primary_key=True),  # pure-calculation | query
+    Column("function_id", String(200), nullable=False),
+    Column("result_uri", Text, nullable=False),
+    Column("result_kind", String(10), nullable=False),  # json | bytes | file
+    # Where it came from: the provider that ran it, or the member whose cache held it.
+    Column("source", String(64), nullable=False),
+    Column("finished_at", Float, nullable=False),
+)
+
+task_actions = Table(
+    "task_actions",
+    metadata,
+    # On a provider: every action request it accepted, recorded before it runs (at most once).
+    Column("requester", String(64), primary_key=True),
+    Column("request_id", String(64), primary_key=True),
+    Column("function_id", String(200), nullable=False),
+    Column("kwargs_digest", String(40), nullable=False),
+    Column("status", String(10), nullable=False),  # queued | running | finished | error
+    Column("error", Text, nullable=True),
+    Column("accepted_at", Float, nullable=False),
+    Column("finished_at", Float, nullable=True),
+)
+
+
 def _v1_files_and_mutables(conn: Connection) -> None:
     files.create(conn)
     mutables.create(conn)
@@ -227,12 +259,17 @@ def _v4_feeds(conn: Connection) -> None:
         table.create(conn)
 
 
+def _v5_tasks(conn: Connection) -> None:
+    task_results.create(conn)
+    task_actions.create(conn)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_files_and_mutables,
     _v2_channels_and_peers,
     _v3_downloads,
     _v4_feeds,
-    # _v5 tasks comes with its issue.
+    _v5_tasks,
 ]
 """``MIGRATIONS[i]`` moves the schema from version ``i`` to ``i + 1``."""
 

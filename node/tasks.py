@@ -1,0 +1,1585 @@
+"""The task service: requesting tasks across a channel, and providing them through local workers.
+
+Providing. A worker process (``kn.run_task_backend``) opens the streaming API method
+``task_backend_listen`` with the functions it serves; the service adds it to its ``JobBook`` and
+announces the functions to its channel peers (``TaskProviders``, on every new session and
+whenever workers come or go). A ``TaskRequest`` joins (or creates) the job for its task: one job
+per pure calculation (by exact arguments, whoever asks), one per query or action request. A new
+job is first prepared (a pure calculation already cached here is answered at once; an action is
+recorded in the database before anything else, and a duplicate delivery is answered from that
+record), then queued until a worker has a free slot, then sent down that worker's stream. The
+worker stores the result as a file in this node's store and reports it (``task_backend_report``);
+the result's record is committed before any requester hears of it. Status changes and lease
+renewals (every third of the lease) go to requesters in batches, one frame per peer per flush.
+When a worker's stream closes (it exited, crashed, or was killed), its jobs go to another local
+worker or are handed back, so requesters ask another provider; an action the worker had received
+ends in an error saying its outcome is unknown (it may have run: it never runs twice).
+
+Requesting. ``request`` checks the arguments, answers a pure calculation cached here at once,
+and otherwise runs the request in the background: ask the channel whether any member holds the
+result (``TaskLookup``; fetch it with the chunk exchange), else ask the provider that rendezvous
+hashing ranks first among those that announced the function, and follow its lease. A provider
+that refuses, hands the task back, goes silent for a lease or loses its session is given up on
+until it changes (reconnects, or its workers change), and the next is asked; an action sticks to
+the provider that may hold it. A finished result file is fetched into this node's store and its
+record kept, so this node answers lookups from other members later, even when the provider is
+offline. A query that no provider answers within its timeout returns its last result, marked as a
+fallback.
+
+Non-goals: the wire format and the decisions (kachery.protocol.tasks), SQL
+(kachery.storage.tasks), running the functions (kachery.node.tasks_client, in the worker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from kachery.protocol.channel import Role
+from kachery.protocol.errors import InvalidInput, KacheryError
+from kachery.protocol.files import MAX_GET_BYTES
+from kachery.protocol.messages import ErrorCode, Message, MsgType
+from kachery.protocol.tasks import (
+    INLINE_RESULT_BYTES,
+    MAX_UPDATES_PER_MESSAGE,
+    Candidate,
+    Job,
+    JobBook,
+    Lease,
+    Marker,
+    ResultKind,
+    StatusUpdate,
+    TaskCancel,
+    TaskLookup,
+    TaskLookupResponse,
+    TaskProviders,
+    TaskRequest,
+    TaskRequestResponse,
+    TaskSpec,
+    TaskStatus,
+    TaskStatusBatch,
+    TaskType,
+    Waiter,
+    advance,
+    check_function_id,
+    choose_provider,
+    clip_error,
+    parse_task_type,
+)
+from kachery.protocol.uri import ChunkOf, FileURI, parse_file_uri
+from kachery.storage.errors import NotFound
+from kachery.storage.tasks import TaskResult, TaskStore
+
+from .api import StreamResult, exposed
+from .errors import NotPermitted, Unavailable
+from .files import FileService
+from .peer import PeerConnection, RequestFailed
+
+if TYPE_CHECKING:
+    from .daemon import Node
+
+log = logging.getLogger(__name__)
+
+LEASE_SECONDS = 30.0
+"""A provider's lease on a task it took: renewed every third of it while the task is queued or
+running; a requester that hears nothing for this long asks another provider. Shorter than the
+session keepalive (45 s), so a hung provider is noticed before its session is."""
+
+RENEWALS_PER_LEASE = 3
+"""Renewals sent per lease period: two may be lost before a lease lapses."""
+
+NO_PROVIDER_SECONDS = 10.0
+"""How long a request waits for any member to serve its function before it fails: sessions and
+announcements arrive within a second of start-up, and a restarted worker re-announces at once."""
+
+DEFAULT_TIMEOUTS = {
+    TaskType.PURE: 3600.0,
+    TaskType.QUERY: 30.0,
+    TaskType.ACTION: 300.0,
+}
+"""Seconds a request may take by default: calculations can be long (the lease, not the timeout,
+detects a dead provider); a query falls back to its last result quickly; an action in between."""
+
+MAX_TIMEOUT = 7 * 24 * 3600.0
+"""Longest timeout accepted (a week)."""
+
+RETRY_SECONDS = 1.0
+"""A provider given up on without a change (busy, silent) is asked again after this, doubling
+with each failure up to RETRY_MAX_SECONDS."""
+
+RETRY_MAX_SECONDS = 30.0
+
+LOOKUP_SECONDS = 2.0
+"""How long to wait for members to say whether they hold a result: past that, running the task
+is the better bet."""
+
+REQUESTS_PER_PEER = 32
+"""Task requests and lookups in flight to one peer (it answers at most 64 requests at once)."""
+
+FETCHES_AT_ONCE = 16
+"""Result files fetched at once (each asks every peer who has it)."""
+
+KEPT_REQUESTS = 10_000
+"""Finished requests remembered for ``task status`` and ``task list`` (results stay cached in
+the database regardless)."""
+
+DEFAULT_BACKEND_SLOTS = 4
+"""Jobs a worker runs at once unless it says otherwise."""
+
+MAX_BACKEND_SLOTS = 256
+
+
+class _GaveUp(Exception):
+    """No provider could be found or kept: the request ends (or falls back to a last result)."""
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One provider asked for one request."""
+
+    candidate: Candidate
+    conn: PeerConnection | None
+    """The session it was asked through (None: this node)."""
+    lease: Lease | None = None
+    status: TaskStatus = TaskStatus.PENDING
+    error: str | None = None
+    result_uri: str | None = None
+    result_kind: ResultKind | None = None
+    result_size: int | None = None
+    result_data: bytes | None = None
+    maybe_delivered: bool = False
+    """The request may have reached the provider (an action may be held there)."""
+
+
+@dataclass(slots=True)
+class _Request:
+    """A request made through this node, as its requester follows it."""
+
+    spec: TaskSpec
+    channels: list[str]
+    timeout: float
+    deadline: float
+    """trio.current_time() when it times out."""
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    status: TaskStatus = TaskStatus.WAITING
+    error: str | None = None
+    result_uri: str | None = None
+    result_kind: ResultKind | None = None
+    cached: bool = False
+    fallback: bool = False
+    provider: str | None = None
+    note: str = ""
+    attempt: _Attempt | None = None
+    failed: dict[str, tuple[Marker, float]] = field(default_factory=dict)
+    """Providers given up on: their marker then, and when they may be asked regardless."""
+    failures: dict[str, int] = field(default_factory=dict)
+    sticky: str | None = None
+    did_not_run: bool = False
+    """An action's provider handed it back unrun (rather than being lost with it)."""
+    reasons: list[str] = field(default_factory=list)
+    _changed: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status.terminal
+
+    def wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_until(self, deadline: float) -> None:
+        """Wait for a change (or ``deadline``)."""
+        event = self._changed
+        with trio.move_on_at(deadline):
+            await event.wait()
+
+    def set(self, status: TaskStatus, **fields: Any) -> None:
+        if self.terminal:
+            return
+        self.status = advance(self.status, status)
+        for name, value in fields.items():
+            setattr(self, name, value)
+        self.updated_at = time.time()
+        self.wake()
+
+    def finish(
+        self,
+        uri: str | None,
+        kind: ResultKind | None,
+        *,
+        provider: str | None,
+        cached: bool = False,
+        fallback: bool = False,
+        note: str = "",
+    ) -> None:
+        self.set(
+            TaskStatus.FINISHED,
+            result_uri=uri,
+            result_kind=kind,
+            provider=provider,
+            cached=cached,
+            fallback=fallback,
+            note=note,
+        )
+
+    def fail(self, message: str) -> None:
+        self.set(TaskStatus.ERROR, error=clip_error(message), note="")
+
+    def snapshot(self, names: dict[str, str], *, kwargs: bool = True) -> dict[str, Any]:
+        spec = self.spec
+        out: dict[str, Any] = {
+            "requestId": spec.request_id,
+            "taskId": spec.task_id,
+            "functionId": spec.function_id,
+            "taskType": str(spec.task_type),
+            "channels": [names.get(c, c[:16]) for c in self.channels],
+            "status": str(self.status),
+            "error": self.error,
+            "resultUri": self.result_uri,
+            "resultKind": None if self.result_kind is None else str(self.result_kind),
+            "cached": self.cached,
+            "fallback": self.fallback,
+            "provider": self.provider,
+            "note": self.note,
+            "createdAt": self.created_at,
+            "updatedAt": self.updated_at,
+            "elapsedSeconds": round(
+                (self.updated_at if self.terminal else time.time()) - self.created_at, 6
+            ),
+        }
+        if kwargs:
+            out["kwargs"] = spec.kwargs
+        return out
+
+
+@dataclass(slots=True)
+class _Announced:
+    """What a peer last announced in a channel."""
+
+    conn: PeerConnection
+    serial: int
+    generation: int
+    functions: dict[str, TaskType]
+
+
+@dataclass(slots=True)
+class _Stats:
+    requests: int = 0
+    cache_hits: int = 0
+    lookup_hits: int = 0
+    computed: int = 0
+    fallbacks: int = 0
+    errors: int = 0
+    jobs_run: int = 0
+    jobs_answered_from_cache: int = 0
+    lookups_answered: int = 0
+    results_inline: int = 0
+    """Results that arrived inside the provider's (or holder's) message."""
+    results_fetched: int = 0
+    """Results fetched with the chunk exchange (over INLINE_RESULT_BYTES)."""
+
+
+class TaskService:
+    """Tasks for one node: the requester and the provider sides (see the module docstring).
+
+    Args:
+        node: the node.
+        lease_seconds: the lease this node holds on tasks it takes (tests shorten it).
+    """
+
+    name = "tasks"
+
+    def __init__(self, node: Node, *, lease_seconds: float = LEASE_SECONDS) -> None:
+        self.node = node
+        self.store = TaskStore(node.home.database)
+        self.lease_seconds = lease_seconds
+        self.no_provider_seconds = NO_PROVIDER_SECONDS
+        self.book = JobBook()
+        self.stats = _Stats()
+        self._nursery: trio.Nursery | None = None
+        self._requests: OrderedDict[str, _Request] = OrderedDict()
+        self._prepared: dict[str, trio.Event] = {}
+        self._backend_channels: dict[str, trio.MemorySendChannel[dict[str, Any]]] = {}
+        self._outbox: dict[str, dict[tuple[str, str], StatusUpdate]] = {}
+        self._outbox_ready = trio.Event()
+        self._remote: dict[tuple[str, str], _Announced] = {}
+        self._announced: dict[PeerConnection, dict[str, tuple[int, dict[str, str]]]] = {}
+        self._serials: dict[PeerConnection, int] = {}
+        self._next_serial = 1
+        self._providers_changed = trio.Event()
+        self._peer_slots: dict[str, trio.Semaphore] = {}
+        self._fetches = trio.Semaphore(FETCHES_AT_ONCE)
+        self._held_keys: set[tuple[str, str, str]] | None = None
+        """Results recorded here (None until loaded): most lookups are for tasks never
+        computed here, and this answers them without a query."""
+        node.on_request(MsgType.TASK_REQUEST, self._on_task_request)
+        node.on_request(MsgType.TASK_LOOKUP, self._on_lookup)
+        node.on_message(MsgType.TASK_STATUS, self._on_status_batch)
+        node.on_message(MsgType.TASK_PROVIDERS, self._on_providers)
+        node.on_message(MsgType.TASK_CANCEL, self._on_cancel)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Announce, flush status updates and renew leases until cancelled."""
+        self._held_keys = await self.node.run_sync(self.store.result_keys)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._watch_sessions)
+            nursery.start_soon(self._flush_updates)
+            nursery.start_soon(self._renew_leases)
+            task_status.started()
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        assert self._nursery is not None, "the task service is not running"
+        return self._nursery
+
+    def _spawn(self, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+        """Run ``fn(*args)`` in the service's nursery; a KacheryError it raises (a database or
+        session failure) is logged, never allowed to take the node down."""
+
+        async def guarded() -> None:
+            try:
+                await fn(*args)
+            except KacheryError as exc:
+                log.warning("task service: %s failed: %s", getattr(fn, "__name__", fn), exc)
+
+        self.nursery.start_soon(guarded)
+
+    async def _send_quietly(self, conn: PeerConnection, msg: Message) -> None:
+        with contextlib.suppress(Unavailable):
+            await conn.send(msg)
+
+    @property
+    def lease_ms(self) -> int:
+        return max(1, round(self.lease_seconds * 1000))
+
+    @property
+    def _files(self) -> FileService:
+        return next(s for s in self.node.services if isinstance(s, FileService))
+
+    def _name(self, channel: str) -> str:
+        return self.node.membership.name_of(channel)
+
+    def _has_role(self, channel: str, node_id: str, role: Role) -> bool:
+        return role in self.node.membership.roles_of(channel, node_id)
+
+    # == providing ==============================================================================
+
+    def _require_provide(self, channel: str) -> None:
+        if not self._has_role(channel, self.node.node_id, Role.PROVIDE_TASKS):
+            raise NotPermitted(f"this node does not provide tasks in channel {self._name(channel)}")
+
+    async def _on_task_request(self, conn: PeerConnection, msg: TaskRequest) -> Message:
+        self._require_provide(msg.channel)
+        spec = TaskSpec.create(
+            msg.function_id,
+            msg.kwargs,
+            msg.task_type,
+            request_id=msg.request_id,
+            requester=conn.node_id,
+        )
+        if spec.task_id != msg.task_id:
+            raise InvalidInput(
+                f"the task ID {msg.task_id} does not match {spec.function_id} and its kwargs"
+                f" (expected {spec.task_id})"
+            )
+        update = await self._submit(spec, Waiter(conn.node_id, spec.request_id, msg.channel))
+        return TaskRequestResponse(
+            id=msg.id,
+            status=str(update.status),
+            lease_ms=self.lease_ms,
+            error=update.error,
+            result_uri=update.result_uri,
+            result_kind=None if update.result_kind is None else str(update.result_kind),
+            result_size=update.result_size,
+            result_data=update.result_data,
+        )
+
+    async def _submit(self, spec: TaskSpec, waiter: Waiter) -> StatusUpdate:
+        """Join ``waiter`` to the job for ``spec`` (creating and preparing it if new); returns
+        the job's state for that waiter.
+
+        Raises:
+            NotFound: no worker here serves the function in the waiter's channel.
+            InvalidInput: it is served as another type of task.
+        """
+        served = self.book.serves(spec.function_id, waiter.channel)
+        if served is None:
+            raise NotFound(
+                f"node {self.node.node_id[:16]}... does not serve task function"
+                f" {spec.function_id!r} in channel {self._name(waiter.channel)}"
+            )
+        if served is not spec.task_type:
+            raise InvalidInput(
+                f"task function {spec.function_id!r} is a {served} on node"
+                f" {self.node.node_id[:16]}..., not a {spec.task_type}: request it as a {served}"
+            )
+        job, created = self.book.join(spec, waiter)
+        if created:
+            ready = self._prepared[job.job_id] = trio.Event()
+            try:
+                await self._prepare(job)
+            except BaseException:
+                if job.job_id in self.book.jobs and not job.queued:
+                    self._complete(job, TaskStatus.ERROR, error="the provider failed to take it")
+                raise
+            finally:
+                ready.set()
+                del self._prepared[job.job_id]
+        else:
+            ready_event = self._prepared.get(job.job_id)
+            if ready_event is not None:
+                await ready_event.wait()
+        return job.update_for(waiter.request_id)
+
+    async def _prepare(self, job: Job) -> None:
+        """Answer a new job from the cache or the action ledger, or queue it for a worker."""
+        spec = job.spec
+        if spec.task_type is TaskType.PURE:
+            held = await self._held(spec.task_id, spec.kwargs_digest, TaskType.PURE)
+            if held is not None:
+                record, size, data = held
+                self.stats.jobs_answered_from_cache += 1
+                self._complete(
+                    job,
+                    TaskStatus.FINISHED,
+                    result_uri=record.result_uri,
+                    result_kind=ResultKind(record.result_kind),
+                    result_size=size,
+                    result_data=data,
+                )
+                return
+        elif spec.task_type is TaskType.ACTION:
+            ledger, created = await self.node.run_sync(
+                self.store.accept_action,
+                spec.requester,
+                spec.request_id,
+                spec.function_id,
+                spec.kwargs_digest,
+            )
+            if not created and (
+                ledger.kwargs_digest != spec.kwargs_digest or ledger.function_id != spec.function_id
+            ):
+                self._complete(
+                    job,
+                    TaskStatus.ERROR,
+                    error=f"request ID {spec.request_id} was already used for another action"
+                    f" ({ledger.function_id}): choose a new one",
+                )
+                return
+            if ledger.status == "finished":
+                self._complete(job, TaskStatus.FINISHED)
+                return
+            if ledger.status == "error":
+                self._complete(job, TaskStatus.ERROR, error=ledger.error or "the action failed")
+                return
+            if ledger.status == "running":
+                self._complete(
+                    job,
+                    TaskStatus.ERROR,
+                    error="outcome unknown: this provider stopped while the action ran; it will"
+                    " not run again under this request ID",
+                )
+                return
+        self.book.enqueue(job)
+        self._dispatch()
+
+    async def _held(
+        self, task_id: str, kwargs_digest: str, task_type: str
+    ) -> tuple[TaskResult, int, bytes | None] | None:
+        """The result recorded here, its file's size, and its bytes if it is small enough to
+        travel inline; None unless the file is still in the store."""
+        key = (task_id, kwargs_digest, str(task_type))
+        if self._held_keys is not None and key not in self._held_keys:
+            return None
+        held = await self.node.run_sync(self._read_held, task_id, kwargs_digest, str(task_type))
+        if held is None and self._held_keys is not None:
+            self._held_keys.discard(key)
+        return held
+
+    def _read_held(
+        self, task_id: str, kwargs_digest: str, task_type: str
+    ) -> tuple[TaskResult, int, bytes | None] | None:
+        record = self.store.result(task_id, kwargs_digest, task_type)
+        if record is None:
+            return None
+        found = self._read_result_file(record.result_uri)
+        if found is None:  # removed from the store (verify --remove): forget the record too
+            self.store.forget_result(task_id, kwargs_digest, task_type)
+            return None
+        return record, *found
+
+    def _read_result_file(self, uri: str) -> tuple[int, bytes | None] | None:
+        """A stored result's size, and its bytes if at most INLINE_RESULT_BYTES (None: it is
+        not in the store, or its blob no longer holds what the URI names)."""
+        sha1 = parse_file_uri(uri).sha1
+        entry = self.node.home.files.get(sha1)
+        if entry is None:
+            return None
+        if entry.size > INLINE_RESULT_BYTES:
+            return entry.size, None
+        try:
+            data = entry.path.read_bytes()
+        except OSError:
+            return None
+        if hashlib.sha1(data).hexdigest() != sha1:  # never send what would not verify
+            log.warning("stored result %s does not match its hash; not served", sha1)
+            return None
+        return entry.size, data
+
+    async def _save_result(self, record: TaskResult) -> None:
+        await self.node.run_sync(self.store.save_result, record)
+        if self._held_keys is not None:
+            self._held_keys.add((record.task_id, record.kwargs_digest, record.task_type))
+
+    def _dispatch(self) -> None:
+        """Hand back what no worker here can run; give queued jobs to free worker slots."""
+        for job in self.book.unservable():
+            self.book.release(job)
+            self._handed_back(job)
+        for backend, job in self.book.assign():
+            self._send_updates(job)
+            if job.spec.task_type is TaskType.ACTION:
+                self._spawn(self._start_action, backend.backend_id, job)
+            else:
+                self._deliver(backend.backend_id, job)
+
+    async def _start_action(self, backend_id: str, job: Job) -> None:
+        spec = job.spec
+        await self.node.run_sync(self.store.mark_action, spec.requester, spec.request_id, "running")
+        if job.job_id in self.book.jobs and job.backend == backend_id:
+            self._deliver(backend_id, job)
+
+    def _deliver(self, backend_id: str, job: Job) -> None:
+        send = self._backend_channels.get(backend_id)
+        if send is None:
+            return
+        spec = job.spec
+        event = {
+            "event": "job",
+            "jobId": job.job_id,
+            "functionId": spec.function_id,
+            "taskType": str(spec.task_type),
+            "taskId": spec.task_id,
+            "requestId": spec.request_id,
+            "kwargs": spec.kwargs,
+        }
+        try:
+            send.send_nowait(event)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            log.warning("backend %s could not take job %s", backend_id, job.job_id)
+            return
+        job.delivered = True
+        self.stats.jobs_run += 1
+
+    def _handed_back(self, job: Job) -> None:
+        """Tell the waiters of a job this node gave up that it did not run it."""
+        job.error = job.error or "the provider has no worker for it any more"
+        self._send_updates(job)
+        if job.spec.task_type is TaskType.ACTION:
+            spec = job.spec
+            self._spawn(
+                self.node.run_sync, self.store.forget_action, spec.requester, spec.request_id
+            )
+
+    def _complete(
+        self,
+        job: Job,
+        status: TaskStatus,
+        *,
+        error: str | None = None,
+        result_uri: str | None = None,
+        result_kind: ResultKind | None = None,
+        result_size: int | None = None,
+        result_data: bytes | None = None,
+    ) -> None:
+        self.book.complete(
+            job.job_id,
+            status,
+            error=error,
+            result_uri=result_uri,
+            result_kind=result_kind,
+            result_size=result_size,
+            result_data=result_data,
+        )
+        self._send_updates(job)
+        self._dispatch()
+
+    # -- status updates to requesters ----------------------------------------------------------
+
+    def _send_updates(self, job: Job) -> None:
+        for waiter in list(job.waiters.values()):
+            update = job.update_for(waiter.request_id)
+            if waiter.node_id == self.node.node_id:
+                self._apply_update(self.node.node_id, update, self.lease_ms)
+            else:
+                self._outbox.setdefault(waiter.node_id, {})[(waiter.channel, waiter.request_id)] = (
+                    update
+                )
+                self._outbox_ready.set()
+
+    async def _flush_updates(self) -> None:
+        """Send queued status updates: one frame per peer and channel per flush (coalesced)."""
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready = trio.Event()
+            outbox, self._outbox = self._outbox, {}
+            for node_id, updates in outbox.items():
+                conn = self.node.connections.get(node_id)
+                if conn is None:
+                    continue
+                by_channel: dict[str, list[dict[str, Any]]] = {}
+                for (channel, _), update in updates.items():
+                    by_channel.setdefault(channel, []).append(update.to_wire())
+                for channel, wires in by_channel.items():
+                    for at in range(0, len(wires), MAX_UPDATES_PER_MESSAGE):
+                        batch = TaskStatusBatch(
+                            channel=channel,
+                            lease_ms=self.lease_ms,
+                            updates=wires[at : at + MAX_UPDATES_PER_MESSAGE],
+                        )
+                        await self._send_quietly(conn, batch)
+
+    async def _renew_leases(self) -> None:
+        """Every third of the lease, re-send the state of every job still queued or running."""
+        while True:
+            await trio.sleep(self.lease_seconds / RENEWALS_PER_LEASE)
+            for job in list(self.book.jobs.values()):
+                if job.queued or job.status is TaskStatus.RUNNING:
+                    self._send_updates(job)
+
+    async def _on_cancel(self, conn: PeerConnection, msg: TaskCancel) -> None:
+        self.book.leave(conn.node_id, msg.request_id)
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    async def _on_lookup(self, conn: PeerConnection, msg: TaskLookup) -> TaskLookupResponse:
+        # A holder that may not serve files could not hand the result over: it says no.
+        if not self._has_role(msg.channel, self.node.node_id, Role.PROVIDE_FILES):
+            return TaskLookupResponse(id=msg.id, found=False)
+        held = await self._held(msg.task_id, msg.kwargs_digest, msg.task_type)
+        if held is None:
+            return TaskLookupResponse(id=msg.id, found=False)
+        record, size, data = held
+        self.stats.lookups_answered += 1
+        return TaskLookupResponse(
+            id=msg.id,
+            found=True,
+            result_uri=record.result_uri,
+            result_kind=record.result_kind,
+            result_size=size,
+            finished_at=int(record.finished_at * 1000),
+            result_data=data,
+        )
+
+    # -- workers (backends) --------------------------------------------------------------------
+
+    def _backend_functions(self, functions: object) -> dict[str, TaskType]:
+        if not isinstance(functions, list) or not functions:
+            raise InvalidInput('functions must be a non-empty list of {"functionId", "type"}')
+        parsed: dict[str, TaskType] = {}
+        for item in functions:
+            if not isinstance(item, dict):
+                raise InvalidInput('each function is {"functionId": ..., "type": ...}')
+            function_id = check_function_id(item.get("functionId"))
+            task_type = parse_task_type(item.get("type", TaskType.PURE))
+            if parsed.get(function_id, task_type) is not task_type:
+                raise InvalidInput(f"function {function_id!r} is listed with two types")
+            parsed[function_id] = task_type
+        return parsed
+
+    def _backend_channel_ids(self, channels: list[str] | None) -> frozenset[str] | None:
+        me = self.node.node_id
+        if channels is None:
+            if not any(
+                self._has_role(c, me, Role.PROVIDE_TASKS)
+                for c in self.node.membership.active_channels()
+            ):
+                raise NotPermitted(
+                    "this node lacks role provideTasks in every channel it is in: ask a channel"
+                    " admin for it (kachery-node channel set-roles)"
+                )
+            return None
+        if not isinstance(channels, list):
+            raise InvalidInput("channels must be a list of channel names")
+        ids = set()
+        for name in channels:
+            channel = self.node.membership.resolve(str(name))
+            if not self._has_role(channel, me, Role.PROVIDE_TASKS):
+                raise NotPermitted(f"this node lacks role provideTasks in channel {name}")
+            ids.add(channel)
+        return frozenset(ids)
+
+    @exposed
+    async def task_backend_listen(
+        self,
+        functions: list[dict[str, Any]],
+        channels: list[str] | None = None,
+        slots: int = DEFAULT_BACKEND_SLOTS,
+    ) -> AsyncIterator[dict[str, Any] | StreamResult]:
+        """Serve task functions from a worker process: streams the jobs given to it.
+
+        The first event is ``{"event": "registered", "backendId": ...}``; then one
+        ``{"event": "job", "jobId", "functionId", "taskType", "taskId", "requestId", "kwargs"}``
+        per job, at most ``slots`` unfinished at once; report each with ``task_backend_report``.
+        Closing the stream (the worker exits or dies) hands its jobs to other workers.
+        """
+        parsed = self._backend_functions(functions)
+        channel_ids = self._backend_channel_ids(channels)
+        if not isinstance(slots, int) or not 1 <= slots <= MAX_BACKEND_SLOTS:
+            raise InvalidInput(f"slots must be 1..{MAX_BACKEND_SLOTS}")
+        backend_id = "b" + os.urandom(8).hex()
+        send, receive = trio.open_memory_channel[dict[str, Any]](slots * 2)
+        self.book.add_backend(backend_id, parsed, channels=channel_ids, slots=slots)
+        self._backend_channels[backend_id] = send
+        log.info("worker %s serves %s", backend_id, ", ".join(parsed))
+        self._providers_updated()
+        self._dispatch()
+        try:
+            yield {
+                "event": "registered",
+                "backendId": backend_id,
+                "nodeId": self.node.node_id,
+                "functions": {f: str(t) for f, t in parsed.items()},
+                "channels": None
+                if channel_ids is None
+                else sorted(self._name(c) for c in channel_ids),
+            }
+            async with receive:
+                async for job in receive:
+                    yield job
+        finally:
+            self._remove_backend(backend_id)
+
+    def _remove_backend(self, backend_id: str) -> None:
+        """A worker's stream closed: requeue, hand back or lose its jobs (synchronous: it runs
+        in the ``finally`` of a cancelled stream)."""
+        send = self._backend_channels.pop(backend_id, None)
+        if send is not None:
+            send.close()
+        loss = self.book.remove_backend(backend_id)
+        log.info(
+            "worker %s went away: %d jobs requeued, %d handed back, %d actions lost",
+            backend_id,
+            len(loss.requeued),
+            len(loss.released),
+            len(loss.lost),
+        )
+        for job in loss.requeued:
+            self._send_updates(job)
+        for job in loss.released:
+            job.error = "its worker went away and no other worker here serves it"
+            self._handed_back(job)
+        for job in loss.lost:
+            self._spawn(self._lose_action, job)
+        self._providers_updated()
+        self._dispatch()
+
+    async def _lose_action(self, job: Job) -> None:
+        spec = job.spec
+        message = (
+            "outcome unknown: the worker went away while the action ran; it will not run again"
+            " under this request ID"
+        )
+        await self.node.run_sync(
+            self.store.mark_action, spec.requester, spec.request_id, "error", message
+        )
+        if job.job_id in self.book.jobs:
+            self._complete(job, TaskStatus.ERROR, error=message)
+
+    @exposed
+    async def task_backend_report(
+        self,
+        backend_id: str,
+        job_id: str,
+        status: str,
+        error: str | None = None,
+        result_uri: str | None = None,
+        result_kind: str | None = None,
+    ) -> dict[str, Any]:
+        """A worker's report that a job finished (with its stored result) or failed."""
+        job = self.book.jobs.get(job_id)
+        if job is None or job.backend != backend_id or job.reporting:
+            raise NotFound(f"no job {job_id} runs on worker {backend_id} (handed back or over)")
+        outcome = TaskStatus(status) if status in ("finished", "error") else None
+        if outcome is None:
+            raise InvalidInput(f"a job reports finished or error, not {status!r}")
+        spec = job.spec
+        uri: str | None = None
+        kind: ResultKind | None = None
+        size: int | None = None
+        data: bytes | None = None
+        if outcome is TaskStatus.FINISHED and spec.task_type is not TaskType.ACTION:
+            if result_uri is None or result_kind is None:
+                raise InvalidInput("a finished job reports its resultUri and resultKind")
+            parsed = parse_file_uri(result_uri)
+            if result_kind not in ResultKind.__members__.values():
+                raise InvalidInput(f"unknown result kind {result_kind!r}")
+            found = await self.node.run_sync(self._read_result_file, str(parsed))
+            if found is None:
+                raise NotFound(f"the result {result_uri} is not in this node's store")
+            uri, kind, (size, data) = str(parsed), ResultKind(result_kind), found
+        job.reporting = True
+        try:
+            if spec.task_type is TaskType.ACTION:
+                await self.node.run_sync(
+                    self.store.mark_action,
+                    spec.requester,
+                    spec.request_id,
+                    str(outcome),
+                    None if error is None else clip_error(error),
+                )
+            elif uri is not None and kind is not None:
+                record = TaskResult(
+                    task_id=spec.task_id,
+                    kwargs_digest=spec.kwargs_digest,
+                    task_type=str(spec.task_type),
+                    function_id=spec.function_id,
+                    result_uri=uri,
+                    result_kind=str(kind),
+                    source=self.node.node_id,
+                    finished_at=time.time(),
+                )
+                await self._save_result(record)
+        finally:
+            if job.job_id in self.book.jobs:
+                self._complete(
+                    job,
+                    outcome,
+                    error=None if outcome is TaskStatus.FINISHED else (error or "failed"),
+                    result_uri=uri,
+                    result_kind=kind,
+                    result_size=size,
+                    result_data=data,
+                )
+        return {"status": str(outcome)}
+
+    # -- announcing what this node serves ------------------------------------------------------
+
+    def _providers_updated(self) -> None:
+        self._providers_changed.set()
+        self._providers_changed = trio.Event()
+        self.node.notify()
+
+    def _session_state(self) -> tuple[Any, ...]:
+        m = self.node.membership
+        return (
+            tuple((c, frozenset(c.channels)) for c in self.node.connections.values()),
+            tuple((c, m.history(c).version) for c in m.channel_ids()),
+            self.book.generation,
+        )
+
+    async def _watch_sessions(self) -> None:
+        """On every change of sessions, membership or workers: announce what this node serves
+        where it changed, forget announcements of ended sessions, wake requests."""
+        while True:
+            state = self._session_state()
+
+            def changed(state: tuple[Any, ...] = state) -> bool:
+                return self._session_state() != state
+
+            await self._announce()
+            self._forget_closed()
+            self._providers_changed.set()
+            self._providers_changed = trio.Event()
+            for req in list(self._requests.values()):
+                if req.attempt is not None and not req.terminal:
+                    req.wake()
+            await self.node.wait_until(changed)
+
+    async def _announce(self) -> None:
+        me = self.node.node_id
+        for conn in list(self.node.connections.values()):
+            sent = self._announced.setdefault(conn, {})
+            for channel in sorted(conn.channels):
+                functions: dict[str, str] = {}
+                if self._has_role(channel, me, Role.PROVIDE_TASKS):
+                    functions = {f: str(t) for f, t in self.book.functions_in(channel).items()}
+                state = (self.book.generation, functions)
+                previous = sent.get(channel)
+                if previous == state or (previous is None and not functions):
+                    continue
+                if previous is not None and previous[1] == functions == {}:
+                    continue
+                sent[channel] = state
+                msg = TaskProviders(
+                    channel=channel, generation=self.book.generation, functions=functions
+                )
+                await self._send_quietly(conn, msg)
+
+    def _forget_closed(self) -> None:
+        live = set(self.node.connections.values())
+        for conn in [c for c in self._announced if c not in live]:
+            del self._announced[conn]
+        for conn in [c for c in self._serials if c not in live]:
+            del self._serials[conn]
+        for key in [k for k, a in self._remote.items() if a.conn not in live]:
+            del self._remote[key]
+
+    async def _on_providers(self, conn: PeerConnection, msg: TaskProviders) -> None:
+        if msg.channel not in conn.channels:
+            return
+        if not self._has_role(msg.channel, conn.node_id, Role.PROVIDE_TASKS) and msg.functions:
+            log.debug("ignored task functions from %s...: it lacks provideTasks", conn.node_id[:16])
+            return
+        serial = self._serials.get(conn)
+        if serial is None:
+            serial = self._serials[conn] = self._next_serial
+            self._next_serial += 1
+        self._remote[(conn.node_id, msg.channel)] = _Announced(
+            conn,
+            serial,
+            msg.generation,
+            {f: TaskType(t) for f, t in msg.functions.items()},
+        )
+        self._providers_changed.set()
+        self._providers_changed = trio.Event()
+
+    def _candidates(self, function_id: str, channels: list[str]) -> list[Candidate]:
+        """Members that serve ``function_id`` in one of ``channels`` now (this node included)."""
+        me = self.node.node_id
+        found: dict[str, Candidate] = {}
+        for channel in channels:
+            if self._has_role(channel, me, Role.PROVIDE_TASKS):
+                task_type = self.book.serves(function_id, channel)
+                if task_type is not None:
+                    found[me] = Candidate(me, channel, task_type, (0, self.book.generation))
+                    break
+        for (node_id, channel), announced in self._remote.items():
+            if node_id in found or channel not in channels:
+                continue
+            conn = self.node.connections.get(node_id)
+            if conn is not announced.conn or conn.closed.is_set() or channel not in conn.channels:
+                continue
+            if not self._has_role(channel, node_id, Role.PROVIDE_TASKS):
+                continue
+            task_type = announced.functions.get(function_id)
+            if task_type is not None:
+                marker = (announced.serial, announced.generation)
+                found[node_id] = Candidate(node_id, channel, task_type, marker)
+        return list(found.values())
+
+    def _known_functions(self, channels: list[str]) -> list[str]:
+        known: set[str] = set()
+        for (_, channel), announced in self._remote.items():
+            if channel in channels:
+                known.update(announced.functions)
+        for channel in channels:
+            known.update(self.book.functions_in(channel))
+        return sorted(known)
+
+    # == requesting =============================================================================
+
+    def _request_channels(self, channel: str | None) -> list[str]:
+        m, me = self.node.membership, self.node.node_id
+        if channel is not None:
+            channel_id = m.resolve(channel)
+            if not self._has_role(channel_id, me, Role.REQUEST_TASKS):
+                raise NotPermitted(
+                    f"not permitted: this node lacks role requestTasks in channel {channel}"
+                )
+            return [channel_id]
+        found = [c for c in m.active_channels() if self._has_role(c, me, Role.REQUEST_TASKS)]
+        if not found:
+            raise NotPermitted(
+                "not permitted: this node lacks role requestTasks in every channel it is in"
+            )
+        return sorted(found)
+
+    async def request(
+        self,
+        function_id: str,
+        kwargs: dict[str, Any] | None = None,
+        task_type: str = TaskType.PURE,
+        *,
+        channel: str | None = None,
+        timeout_seconds: float | None = None,
+        request_id: str | None = None,
+    ) -> _Request:
+        """Start a request (or find the one ``request_id`` names); returns its state, already
+        finished if this node holds the result of a pure calculation.
+
+        Raises:
+            InvalidInput: the function ID, type, kwargs, timeout or request ID is malformed, or
+                the request ID names another request.
+            NotPermitted: this node lacks requestTasks (in ``channel``, or everywhere).
+            NotFound: no such channel.
+        """
+        spec = TaskSpec.create(
+            function_id,
+            {} if kwargs is None else kwargs,
+            task_type,
+            request_id=request_id or os.urandom(16).hex(),
+            requester=self.node.node_id,
+        )
+        existing = self._requests.get(spec.request_id)
+        if existing is not None:
+            old = existing.spec
+            if (old.function_id, old.task_type, old.kwargs_digest) != (
+                spec.function_id,
+                spec.task_type,
+                spec.kwargs_digest,
+            ):
+                raise InvalidInput(
+                    f"request ID {spec.request_id} already names a request of"
+                    f" {old.function_id}: choose a new one"
+                )
+            if existing.status is not TaskStatus.ERROR:
+                return existing  # still running, or finished: nothing to ask again
+            # A failed request asked again is a retry: ask the provider again (an action's
+            # provider answers from its durable record, so it still runs at most once).
+        seconds = (
+            DEFAULT_TIMEOUTS[spec.task_type] if timeout_seconds is None else float(timeout_seconds)
+        )
+        if not (0 < seconds <= MAX_TIMEOUT and math.isfinite(seconds)):
+            raise InvalidInput(f"timeout must be more than 0 and at most {MAX_TIMEOUT:.0f} s")
+        channels = self._request_channels(channel)
+        req = _Request(
+            spec=spec,
+            channels=channels,
+            timeout=seconds,
+            deadline=trio.current_time() + seconds,
+        )
+        self._remember(req)
+        self.stats.requests += 1
+        if spec.task_type is TaskType.PURE:
+            held = await self._held(spec.task_id, spec.kwargs_digest, TaskType.PURE)
+            if held is not None:
+                record = held[0]
+                self.stats.cache_hits += 1
+                req.finish(
+                    record.result_uri,
+                    ResultKind(record.result_kind),
+                    provider=record.source,
+                    cached=True,
+                    note="cached on this node",
+                )
+                return req
+        self.nursery.start_soon(self._run_request, req)
+        return req
+
+    def _remember(self, req: _Request) -> None:
+        self._requests[req.spec.request_id] = req
+        while len(self._requests) > KEPT_REQUESTS:
+            oldest = next(iter(self._requests))
+            if not self._requests[oldest].terminal:
+                break
+            del self._requests[oldest]
+
+    async def _run_request(self, req: _Request) -> None:
+        try:
+            with trio.move_on_at(req.deadline):
+                await self._drive(req)
+            if not req.terminal:
+                reason = f"timed out after {req.timeout:g} s"
+                if req.attempt is None and not self._candidates(req.spec.function_id, req.channels):
+                    reason += ": " + self._no_provider_message(req)
+                await self._give_up(req, reason)
+        except _GaveUp as exc:
+            await self._give_up(req, str(exc))
+        except KacheryError as exc:
+            req.fail(str(exc))
+        except Exception:
+            log.exception("task request %s failed", req.spec.request_id)
+            req.fail("internal error in the requesting node (its log has the details)")
+        finally:
+            self._withdraw(req)
+            if req.status is TaskStatus.ERROR:
+                self.stats.errors += 1
+
+    async def _give_up(self, req: _Request, reason: str) -> None:
+        """No provider answered in time: a query falls back to its last result; else an error."""
+        detail = reason + ("; " + "; ".join(req.reasons[-5:]) if req.reasons else "")
+        if req.spec.task_type is TaskType.QUERY:
+            held = await self._held(req.spec.task_id, req.spec.kwargs_digest, TaskType.QUERY)
+            if held is not None:
+                record = held[0]
+                self.stats.fallbacks += 1
+                req.finish(
+                    record.result_uri,
+                    ResultKind(record.result_kind),
+                    provider=record.source,
+                    cached=True,
+                    fallback=True,
+                    note=f"fallback to the last result ({detail})",
+                )
+                return
+        if req.spec.task_type is TaskType.ACTION and req.sticky is not None:
+            if req.did_not_run:
+                detail += "; the action did not run"
+            else:
+                detail += (
+                    f"; its outcome is unknown: request it again with request ID"
+                    f" {req.spec.request_id} to learn it from {req.sticky[:16]}..."
+                )
+        req.fail(detail)
+
+    def _withdraw(self, req: _Request) -> None:
+        """Stop following the current attempt: the provider need not keep us posted."""
+        attempt, req.attempt = req.attempt, None
+        if attempt is None or (attempt.lease is not None and attempt.lease.released):
+            return
+        if attempt.status.terminal:
+            return
+        if attempt.conn is None:
+            self.book.leave(self.node.node_id, req.spec.request_id)
+            return
+        msg = TaskCancel(channel=attempt.candidate.channel, request_id=req.spec.request_id)
+        self.nursery.start_soon(self._send_quietly, attempt.conn, msg)
+
+    async def _drive(self, req: _Request) -> None:
+        spec = req.spec
+        if spec.task_type is TaskType.PURE:
+            req.set(TaskStatus.WAITING, note="looking for a cached result in the channel")
+            if await self._lookup(req):
+                return
+        no_provider_since: float | None = None
+        while not req.terminal:
+            now = trio.current_time()
+            for node_id, (_, retry_at) in list(req.failed.items()):
+                if now >= retry_at:
+                    del req.failed[node_id]
+            candidates = self._candidates(spec.function_id, req.channels)
+            failed = {n: marker for n, (marker, _) in req.failed.items()}
+            chosen = choose_provider(spec.route_key, candidates, failed, req.sticky)
+            if chosen is None:
+                wake_at = req.deadline
+                if not candidates and req.sticky is None:
+                    no_provider_since = now if no_provider_since is None else no_provider_since
+                    give_up_at = no_provider_since + self.no_provider_seconds
+                    if now >= give_up_at:
+                        raise _GaveUp(self._no_provider_message(req))
+                    wake_at = min(wake_at, give_up_at)
+                    note = f"waiting for a member that serves {spec.function_id}"
+                else:
+                    no_provider_since = None
+                    note = "waiting for a provider to become available"
+                if req.failed:
+                    wake_at = min(wake_at, *(t for _, t in req.failed.values()))
+                req.set(TaskStatus.WAITING, note=note, provider=None)
+                event = self._providers_changed
+                with trio.move_on_at(wake_at):
+                    await event.wait()
+                continue
+            no_provider_since = None
+            if chosen.task_type is not spec.task_type:
+                req.fail(
+                    f"task function {spec.function_id!r} is served as a {chosen.task_type}, not a"
+                    f" {spec.task_type}: request it with type {chosen.task_type}"
+                )
+                return
+            reason = await self._attempt(req, chosen)
+            if reason is None:
+                return
+            self._give_up_on(req, chosen, reason)
+
+    def _give_up_on(self, req: _Request, chosen: Candidate, reason: str) -> None:
+        node_id = chosen.node_id
+        count = req.failures[node_id] = req.failures.get(node_id, 0) + 1
+        retry = min(RETRY_MAX_SECONDS, RETRY_SECONDS * 2 ** (count - 1))
+        req.failed[node_id] = (chosen.marker, trio.current_time() + retry)
+        req.reasons.append(f"{node_id[:16]}...: {reason}")
+        log.debug("task %s: gave up on %s...: %s", req.spec.request_id, node_id[:16], reason)
+        attempt = req.attempt
+        if (
+            req.spec.task_type is TaskType.ACTION
+            and attempt is not None
+            and attempt.maybe_delivered
+        ):
+            req.sticky = node_id
+            req.did_not_run = attempt.lease is not None and attempt.lease.released
+        self._withdraw(req)
+
+    def _no_provider_message(self, req: _Request) -> str:
+        spec = req.spec
+        names = ", ".join(self._name(c) for c in req.channels)
+        known = self._known_functions(req.channels)
+        shown = ", ".join(known[:10]) + (", ..." if len(known) > 10 else "")
+        return f"no member of channel {names} serves task function {spec.function_id!r}" + (
+            f" (members serve: {shown})" if known else " (no member serves any task function)"
+        )
+
+    def _peer_slot(self, node_id: str) -> trio.Semaphore:
+        slot = self._peer_slots.get(node_id)
+        if slot is None:
+            slot = self._peer_slots[node_id] = trio.Semaphore(REQUESTS_PER_PEER)
+        return slot
+
+    async def _attempt(self, req: _Request, chosen: Candidate) -> str | None:
+        """Ask one provider and follow it; None when the request ended, else why it did not."""
+        spec = req.spec
+        me = self.node.node_id
+        conn = None if chosen.node_id == me else self.node.connections.get(chosen.node_id)
+        if chosen.node_id != me and conn is None:
+            return "not connected"
+        attempt = req.attempt = _Attempt(chosen, conn)
+        req.set(TaskStatus.PENDING, provider=chosen.node_id, note="")
+        try:
+            if conn is None:
+                update = await self._submit(spec, Waiter(me, spec.request_id, chosen.channel))
+                lease_ms = self.lease_ms
+                attempt.maybe_delivered = True
+            else:
+                attempt.maybe_delivered = True
+                request = TaskRequest(
+                    id=0,
+                    channel=chosen.channel,
+                    request_id=spec.request_id,
+                    function_id=spec.function_id,
+                    task_type=str(spec.task_type),
+                    task_id=spec.task_id,
+                    kwargs=spec.kwargs,
+                )
+                async with self._peer_slot(chosen.node_id):
+                    reply = await conn.request(request)
+                assert isinstance(reply, TaskRequestResponse)
+                update, lease_ms = reply.update(spec.request_id), reply.lease_ms
+        except (InvalidInput, RequestFailed) as exc:
+            if isinstance(exc, InvalidInput) or exc.code == ErrorCode.BAD_REQUEST:
+                req.fail(f"refused by {chosen.node_id[:16]}...: {exc}")
+                return None
+            attempt.maybe_delivered = False
+            return f"refused: {exc}"
+        except (NotFound, NotPermitted) as exc:
+            attempt.maybe_delivered = False
+            return f"refused: {exc}"
+        except Unavailable as exc:
+            return f"no answer: {exc}"
+        if req.attempt is not attempt:
+            return "superseded"
+        if attempt.lease is None:
+            self._apply_update(chosen.node_id, update, lease_ms)
+        else:  # a status batch overtook the reply: it is the newer news
+            attempt.lease.renew(trio.current_time(), lease_ms)
+        return await self._follow(req, attempt)
+
+    def _apply_update(self, provider: str, update: StatusUpdate, lease_ms: int) -> None:
+        """News from ``provider`` about one of our requests (ignored unless it is the one we
+        follow for that request)."""
+        req = self._requests.get(update.request_id)
+        if req is None or req.terminal:
+            return
+        attempt = req.attempt
+        if attempt is None or attempt.candidate.node_id != provider:
+            return
+        now = trio.current_time()
+        if attempt.lease is None:
+            attempt.lease = Lease.granted(provider, now, lease_ms)
+        else:
+            attempt.lease.renew(now, lease_ms)
+        if update.status is TaskStatus.PENDING:  # handed back: it will not run there
+            attempt.lease.released = True
+        attempt.status = update.status
+        attempt.error = update.error
+        attempt.result_uri = update.result_uri
+        attempt.result_kind = update.result_kind
+        attempt.result_size = update.result_size
+        attempt.result_data = update.result_data
+        if update.status in (TaskStatus.QUEUED, TaskStatus.RUNNING) and req.status != update.status:
+            req.set(update.status)
+        req.wake()
+
+    async def _on_status_batch(self, conn: PeerConnection, msg: TaskStatusBatch) -> None:
+        for update in msg.parsed():
+            self._apply_update(conn.node_id, update, msg.lease_ms)
+
+    async def _follow(self, req: _Request, attempt: _Attempt) -> str | None:
+        """Wait on the provider until the task ends, it hands the task back, or it is lost."""
+        while True:
+            lease = attempt.lease
+            assert lease is not None
+            if attempt.status is TaskStatus.FINISHED:
+                return await self._take_result(req, attempt)
+            if attempt.status is TaskStatus.ERROR:
+                req.fail(attempt.error or "the task failed at its provider")
+                return None
+            if lease.released:
+                return "handed back: " + (attempt.error or "it will not run it")
+            if attempt.conn is not None and attempt.conn.closed.is_set():
+                return "its session closed"
+            if lease.expired(trio.current_time()):
+                return f"silent for a whole lease ({lease.lease_ms / 1000:g} s): lease expired"
+            await req.wait_until(lease.expires_at)
+
+    async def _take_result(self, req: _Request, attempt: _Attempt) -> str | None:
+        spec = req.spec
+        provider = attempt.candidate.node_id
+        if spec.task_type is TaskType.ACTION:
+            req.finish(None, None, provider=provider)
+            return None
+        uri, kind = attempt.result_uri, attempt.result_kind
+        if uri is None or kind is None:
+            return "it finished without a result"
+        if provider != self.node.node_id:
+            req.note = "fetching the result"
+            try:
+                await self._fetch_result(uri, attempt.result_size, attempt.result_data)
+            except NotPermitted as exc:
+                req.fail(f"cannot fetch the result: {exc}")
+                return None
+            except KacheryError as exc:
+                return f"its result could not be fetched: {exc}"
+            record = TaskResult(
+                task_id=spec.task_id,
+                kwargs_digest=spec.kwargs_digest,
+                task_type=str(spec.task_type),
+                function_id=spec.function_id,
+                result_uri=uri,
+                result_kind=str(kind),
+                source=provider,
+                finished_at=time.time(),
+            )
+            await self._save_result(record)
+        self.stats.computed += 1
+        req.finish(uri, kind, provider=provider)
+        return None
+
+    async def _fetch_result(self, uri: str, size: int | None, data: bytes | None) -> None:
+        """Bring a result file into this node's store.
+
+        A small result came inline (``data``, already checked against the URI when its message
+        was decoded): it is stored at once. A result of one piece is fetched as the chunk that
+        is the whole file: one verified range from one holder. A larger one takes the
+        resumable, multi-source download of the chunk exchange.
+        """
+        parsed = parse_file_uri(uri)
+        if data is not None:
+            entry = await self.node.run_sync(self.node.home.files.store_bytes, data)
+            if entry.sha1 != parsed.sha1:  # the decoder checked; this only guards a bug
+                raise Unavailable(f"the inline result of {uri} does not match its hash")
+            self.stats.results_inline += 1
+            return
+        target = parsed
+        if size is not None and size <= MAX_GET_BYTES and parsed.manifest_sha1 is None:
+            whole = ChunkOf(file_sha1=parsed.sha1, start=0, end=size)
+            target = FileURI(sha1=parsed.sha1, chunk_of=whole)
+        async with self._fetches:
+            await self._files.download(target)
+        self.stats.results_fetched += 1
+
+    async def _lookup(self, req: _Request) -> bool:
+        """Ask every connected member whether it holds the result; fetch the first found."""
+        spec = req.spec
+        me = self.node.node_id
+        asked: list[tuple[PeerConnection, str]] = []
+        for conn in list(self.node.connections.values()):
+            shared = [c for c in req.channels if c in conn.channels]
+            if shared:
+                asked.append((conn, shared[0]))
+        if not asked:
+            return False
+        found: list[tuple[str, TaskLookupResponse]] = []
+
+        async def ask(conn: PeerConnection, channel: str, done: trio.CancelScope) -> None:
+            msg = TaskLookup(
+                id=0,
+                channel=channel,
+                task_id=spec.task_id,
+                kwargs_digest=spec.kwargs_digest,
+                task_type=str(spec.task_type),
+            )
+            try:
+                async with self._peer_slot(conn.node_id):
+                    reply = await conn.request(msg, reply_timeout=LOOKUP_SECONDS)
+            except KacheryError as exc:
+                log.debug("TaskLookup to %s...: %s", conn.node_id[:16], exc)
+                return
+            if isinstance(reply, TaskLookupResponse) and reply.found:
+                found.append((conn.node_id, reply))
+                done.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for conn, channel in asked:
+                nursery.start_soon(ask, conn, channel, nursery.cancel_scope)
+        for holder, reply in found:
+            if reply.result_uri is None or reply.result_kind is None:
+                continue
+            try:
+                await self._fetch_result(reply.result_uri, reply.result_size, reply.result_data)
+            except KacheryError as exc:
+                log.debug("cached result of %s not fetched: %s", spec.task_id, exc)
+                continue
+            record = TaskResult(
+                task_id=spec.task_id,
+                kwargs_digest=spec.kwargs_digest,
+                task_type=str(spec.task_type),
+                function_id=spec.function_id,
+                result_uri=reply.result_uri,
+                result_kind=reply.result_kind,
+                source=holder,
+                finished_at=(reply.finished_at or 0) / 1000 or time.time(),
+            )
+            await self._save_result(record)
+            self.stats.lookup_hits += 1
+            req.finish(
+                reply.result_uri,
+                ResultKind(reply.result_kind),
+                provider=holder if holder != me else None,
+                cached=True,
+                note=f"cached by member {holder[:16]}...",
+            )
+            return True
+        return False
+
+    # -- local API -----------------------------------------------------------------------------
+
+    def _names(self) -> dict[str, str]:
+        return {c: self._name(c) for c in self.node.membership.channel_ids()}
+
+    def _find(self, ident: str) -> _Request | None:
+        req = self._requests.get(ident)
+        if req is not None:
+            return req
+        for candidate in reversed(self._requests.values()):
+            if candidate.spec.task_id == ident:
+                return candidate
+        return None
+
+    @exposed
+    async def task_request(
+        self,
+        function_id: str,
+        kwargs: dict[str, Any] | None = None,
+        task_type: str = TaskType.PURE,
+        channel: str | None = None,
+        timeout_seconds: float | None = None,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Start a task request (answered at once if its result is cached here); returns its
+        state. Follow it with ``task_wait``."""
+        req = await self.request(
+            function_id,
+            kwargs,
+            task_type,
+            channel=channel,
+            timeout_seconds=timeout_seconds,
+            request_id=request_id,
+        )
+        return req.snapshot(self._names())
+
+    @exposed
+    async def task_wait(
+        self, request_id: str, within_seconds: float | None = None, changes: bool = True
+    ) -> AsyncIterator[dict[str, Any] | StreamResult]:
+        """Stream a request's state each time it changes (unless ``changes`` is false), until it
+        ends (or ``within_seconds`` pass); the result is its last state."""
+        req = self._requests.get(request_id)
+        if req is None:
+            raise NotFound(f"no task request {request_id} on this node (it may have restarted)")
+        names = self._names()
+        deadline = math.inf if within_seconds is None else trio.current_time() + within_seconds
+        shown: tuple[Any, ...] | None = None
+        while True:
+            state = (req.status, req.provider, req.note)
+            if state != shown and changes:
+                shown = state
+                yield req.snapshot(names, kwargs=False)
+            if req.terminal or trio.current_time() >= deadline:
+                break
+            await req.wait_until(deadline)
+        yield StreamResult(req.snapshot(names))
+
+    @exposed
+    async def task_status(self, task: str) -> dict[str, Any]:
+        """The state of a request (by request ID, or the newest with a task ID), else the results
+        this node holds for a task ID."""
+        req = self._find(task)
+        if req is not None:
+            return req.snapshot(self._names())
+        held = await self.node.run_sync(self.store.results_for, task)
+        if held:
+            newest = held[0]
+            return {
+                "taskId": newest.task_id,
+                "functionId": newest.function_id,
+                "taskType": newest.task_type,
+                "status": str(TaskStatus.FINISHED),
+                "cached": True,
+                "fallback": False,
+                "error": None,
+                "resultUri": newest.result_uri,
+                "resultKind": newest.result_kind,
+                "provider": newest.source,
+                "finishedAt": newest.finished_at,
+                "results": len(held),
+            }
+        raise NotFound(f"no task or request {task} known on this node")
+
+    @exposed
+    async def task_list(self, limit: int = 50) -> dict[str, Any]:
+        """Recent requests made here (newest first), and the jobs this node runs for others."""
+        names = self._names()
+        requests = [r.snapshot(names, kwargs=False) for r in reversed(self._requests.values())]
+        jobs = [
+            {
+                "jobId": job.job_id,
+                "functionId": job.spec.function_id,
+                "taskType": str(job.spec.task_type),
+                "taskId": job.spec.task_id,
+                "status": str(job.status),
+                "waiters": len(job.waiters),
+                "requesters": sorted({w.node_id for w in job.waiters.values()}),
+            }
+            for job in self.book.jobs.values()
+        ]
+        return {"requests": requests[: max(0, limit)], "jobs": jobs}
+
+    @exposed
+    async def task_providers(self) -> list[dict[str, Any]]:
+        """Members that serve task functions (this node included), per channel."""
+        me = self.node.node_id
+        out = []
+        for channel in self.node.membership.active_channels():
+            if self._has_role(channel, me, Role.PROVIDE_TASKS):
+                functions = self.book.functions_in(channel)
+                if functions:
+                    out.append(
+                        {
+                            "nodeId": me,
+                            "self": True,
+                            "channel": self._name(channel),
+                            "functions": {f: str(t) for f, t in functions.items()},
+                        }
+                    )
+        for (node_id, channel), announced in sorted(self._remote.items()):
+            if announced.functions and self.node.connections.get(node_id) is announced.conn:
+                out.append(
+                    {
+                        "nodeId": node_id,
+                        "self": False,
+                        "channel": self._name(channel),
+                        "functions": {f: str(t) for f, t in announced.functions.items()},
+                    }
+                )
+        return out
+
+    def statistics(self) -> dict[str, Any]:
+        """Counters for ``kachery-node status``."""
+        active = sum(1 for r in self._requests.values() if not r.terminal)
+        return {
+            "requests": self.stats.requests,
+            "activeRequests": active,
+            "cacheHits": self.stats.cache_hits,
+            "lookupHits": self.stats.lookup_hits,
+            "computed": self.stats.computed,
+            "fallbacks": self.stats.fallbacks,
+            "errors": self.stats.errors,
+            "jobsRun": self.stats.jobs_run,
+            "jobsAnsweredFromCache": self.stats.jobs_answered_from_cache,
+            "lookupsAnswered": self.stats.lookups_answered,
+            "resultsInline": self.stats.results_inline,
+            "resultsFetched": self.stats.results_fetched,
+            **self.book.statistics(),
+            "leaseSeconds": self.lease_seconds,
+        }

@@ -1,0 +1,240 @@
+"""Task records: cached results (pure calculations, last results of queries) and actions.
+
+``TaskStore`` keeps two tables. ``task_results`` maps (task ID, exact kwargs digest, type) to the
+URI of a result file held in this node's store: a pure calculation's result, which this node
+shares with the channel (it answers ``TaskLookup``), or a query's latest result, its fallback.
+The digest is part of the key because kachery's task ID writes non-integral floats as null: a
+result is only ever found for the exact arguments it was computed from. ``task_actions`` is a
+provider's ledger of the action requests it accepted, written (and committed) before an action
+runs and again when it ends, so a request delivered twice, even across a restart, runs once.
+
+Non-goals: the result files themselves (the blob store) and deciding anything (node/tasks.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import Row, delete, select
+from sqlalchemy.engine import Connection
+
+from kachery.protocol.errors import InvalidInput
+
+from . import schema
+from .db import Database
+
+ACTION_STATES = ("queued", "running", "finished", "error")
+"""An accepted action is queued, then running (recorded before the worker gets it), then
+finished or error."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    """A result held on this node.
+
+    Attributes:
+        task_id: kachery's task ID.
+        kwargs_digest: the exact digest of the arguments it was computed from.
+        task_type: ``pure-calculation`` or ``query``.
+        function_id: the function.
+        result_uri: the result file's URI (in this node's store).
+        result_kind: ``json``, ``bytes`` or ``file``.
+        source: where it came from: the provider that ran it, or the member that held it.
+        finished_at: when it was computed (seconds since the epoch).
+    """
+
+    task_id: str
+    kwargs_digest: str
+    task_type: str
+    function_id: str
+    result_uri: str
+    result_kind: str
+    source: str
+    finished_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ActionRecord:
+    """An action request a provider accepted (see ``ACTION_STATES``)."""
+
+    requester: str
+    request_id: str
+    function_id: str
+    kwargs_digest: str
+    status: str
+    error: str | None
+    accepted_at: float
+    finished_at: float | None
+
+
+class TaskStore:
+    """The task tables of one node's database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- results -------------------------------------------------------------------------------
+
+    def result(self, task_id: str, kwargs_digest: str, task_type: str) -> TaskResult | None:
+        """The result held for exactly these arguments, or None."""
+        t = schema.task_results
+        with self.db.begin() as conn:
+            row = conn.execute(
+                select(t).where(
+                    t.c.task_id == task_id,
+                    t.c.kwargs_digest == kwargs_digest,
+                    t.c.task_type == task_type,
+                )
+            ).first()
+        return None if row is None else _result(row)
+
+    def results_for(self, task_id: str) -> list[TaskResult]:
+        """Every result held under a task ID (several if non-integral floats collide)."""
+        t = schema.task_results
+        with self.db.begin() as conn:
+            rows = conn.execute(
+                select(t).where(t.c.task_id == task_id).order_by(t.c.finished_at.desc())
+            ).all()
+        return [_result(r) for r in rows]
+
+    def result_keys(self) -> set[tuple[str, str, str]]:
+        """(task ID, kwargs digest, type) of every result held: small enough to keep in memory,
+        so a lookup for a task never computed here needs no query."""
+        t = schema.task_results
+        with self.db.begin() as conn:
+            rows = conn.execute(select(t.c.task_id, t.c.kwargs_digest, t.c.task_type)).all()
+        return {(r.task_id, r.kwargs_digest, r.task_type) for r in rows}
+
+    def results(self, limit: int = 100) -> list[TaskResult]:
+        """The newest results held here."""
+        t = schema.task_results
+        with self.db.begin() as conn:
+            rows = conn.execute(select(t).order_by(t.c.finished_at.desc()).limit(limit)).all()
+        return [_result(r) for r in rows]
+
+    def save_result(self, result: TaskResult) -> None:
+        """Record a result (replacing the one held for the same arguments: a query's last)."""
+        t = schema.task_results
+        key = (
+            t.c.task_id == result.task_id,
+            t.c.kwargs_digest == result.kwargs_digest,
+            t.c.task_type == result.task_type,
+        )
+        with self.db.begin() as conn:
+            conn.execute(delete(t).where(*key))
+            conn.execute(
+                t.insert().values(
+                    task_id=result.task_id,
+                    kwargs_digest=result.kwargs_digest,
+                    task_type=result.task_type,
+                    function_id=result.function_id,
+                    result_uri=result.result_uri,
+                    result_kind=result.result_kind,
+                    source=result.source,
+                    finished_at=result.finished_at,
+                )
+            )
+
+    def forget_result(self, task_id: str, kwargs_digest: str, task_type: str) -> None:
+        """Drop a record (its file is no longer in the store)."""
+        t = schema.task_results
+        with self.db.begin() as conn:
+            conn.execute(
+                delete(t).where(
+                    t.c.task_id == task_id,
+                    t.c.kwargs_digest == kwargs_digest,
+                    t.c.task_type == task_type,
+                )
+            )
+
+    # -- actions -------------------------------------------------------------------------------
+
+    def action(self, requester: str, request_id: str) -> ActionRecord | None:
+        with self.db.begin() as conn:
+            return _action_row(conn, requester, request_id)
+
+    def accept_action(
+        self, requester: str, request_id: str, function_id: str, kwargs_digest: str
+    ) -> tuple[ActionRecord, bool]:
+        """Record an accepted action as queued, unless it is recorded already.
+
+        Returns:
+            The record, and True if it was created now (False: a duplicate delivery; the record
+            says what became of the first).
+        """
+        t = schema.task_actions
+        with self.db.begin() as conn:
+            existing = _action_row(conn, requester, request_id)
+            if existing is not None:
+                return existing, False
+            conn.execute(
+                t.insert().values(
+                    requester=requester,
+                    request_id=request_id,
+                    function_id=function_id,
+                    kwargs_digest=kwargs_digest,
+                    status="queued",
+                    error=None,
+                    accepted_at=time.time(),
+                    finished_at=None,
+                )
+            )
+            created = _action_row(conn, requester, request_id)
+        assert created is not None
+        return created, True
+
+    def mark_action(
+        self, requester: str, request_id: str, status: str, error: str | None = None
+    ) -> None:
+        """Move an action to ``status`` (committed before this returns)."""
+        if status not in ACTION_STATES:
+            raise InvalidInput(f"unknown action state {status!r}: one of {ACTION_STATES}")
+        t = schema.task_actions
+        done = time.time() if status in ("finished", "error") else None
+        with self.db.begin() as conn:
+            conn.execute(
+                t.update()
+                .where(t.c.requester == requester, t.c.request_id == request_id)
+                .values(status=status, error=error, finished_at=done)
+            )
+
+    def forget_action(self, requester: str, request_id: str) -> None:
+        """Drop the record of an action handed back before it ran (a retry may run it)."""
+        t = schema.task_actions
+        with self.db.begin() as conn:
+            conn.execute(delete(t).where(t.c.requester == requester, t.c.request_id == request_id))
+
+
+def _result(row: Row[object]) -> TaskResult:
+    m = row._mapping
+    return TaskResult(
+        task_id=m["task_id"],
+        kwargs_digest=m["kwargs_digest"],
+        task_type=m["task_type"],
+        function_id=m["function_id"],
+        result_uri=m["result_uri"],
+        result_kind=m["result_kind"],
+        source=m["source"],
+        finished_at=float(m["finished_at"]),
+    )
+
+
+def _action_row(conn: Connection, requester: str, request_id: str) -> ActionRecord | None:
+    t = schema.task_actions
+    row = conn.execute(
+        select(t).where(t.c.requester == requester, t.c.request_id == request_id)
+    ).first()
+    if row is None:
+        return None
+    m = row._mapping
+    return ActionRecord(
+        requester=m["requester"],
+        request_id=m["request_id"],
+        function_id=m["function_id"],
+        kwargs_digest=m["kwargs_digest"],
+        status=m["status"],
+        error=m["error"],
+        accepted_at=float(m["accepted_at"]),
+        finished_at=None if m["finished_at"] is None else float(m["finished_at"]),
+    )
