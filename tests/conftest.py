@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from kachery.node.home import HOME_ENV, NodeHome
+from kachery.node.testing import Daemon
 
 VECTORS_DIR = Path(__file__).parent / "vectors"
 
@@ -35,3 +36,18 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NodeHome]:
     assert created
     yield node_home
     node_home.close()
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[dict[str, Daemon]]:
+    """Daemons in subprocesses, made on first use by name (``daemons["owner"]``), killed after."""
+    made: dict[str, Daemon] = {}
+
+    class Factory(dict[str, Daemon]):
+        def __missing__(self, name: str) -> Daemon:
+            made[name] = self[name] = Daemon(tmp_path / name)
+            return made[name]
+
+    yield Factory()
+    for d in made.values():
+        d.kill()

@@ -3,26 +3,8 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from kachery.node.testing import Daemon
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[dict[str, Daemon]]:
-    made: dict[str, Daemon] = {}
-
-    class Factory(dict[str, Daemon]):
-        def __missing__(self, name: str) -> Daemon:
-            made[name] = self[name] = Daemon(tmp_path / name)
-            return made[name]
-
-    yield Factory()
-    for d in made.values():
-        d.kill()
 
 
 def test_a_lab_swarm_from_the_command_line(daemons: dict[str, Daemon]) -> None:

@@ -9,9 +9,8 @@ import os
 import queue
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import aclosing
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,20 +30,6 @@ from kachery.protocol.uri import subfeed_hash
 from kachery.storage.errors import AlreadyExists
 
 WAIT = 30.0  # seconds: a safety net for reading a child's output, never a pacing device
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[dict[str, Daemon]]:
-    made: dict[str, Daemon] = {}
-
-    class Factory(dict[str, Daemon]):
-        def __missing__(self, name: str) -> Daemon:
-            made[name] = self[name] = Daemon(tmp_path / name)
-            return made[name]
-
-    yield Factory()
-    for d in made.values():
-        d.kill()
 
 
 def run(d: Daemon, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -22,7 +22,7 @@ import trio
 from kachery.node.daemon import Node
 from kachery.node.errors import NotPermitted
 from kachery.node.files import FileService
-from kachery.node.peer import RequestFailed
+from kachery.node.peer import PeerConnection, RequestFailed
 from kachery.node.tasks import TaskService, _Request
 from kachery.node.tasks_client import describe_exception, store_result
 from kachery.protocol.errors import InvalidInput
@@ -48,6 +48,27 @@ def tasks_of(node: Node) -> TaskService:
 
 def files_of(node: Node) -> FileService:
     return next(s for s in node.services if isinstance(s, FileService))
+
+
+def direct(
+    conn: PeerConnection,
+    request_id: str,
+    function_id: str,
+    kwargs: dict[str, Any],
+    *,
+    task_type: str = "pure-calculation",
+    task_id: str | None = None,
+) -> TaskRequest:
+    """A TaskRequest as a requester's node would send it on ``conn`` (``task_id`` to forge)."""
+    return TaskRequest(
+        id=0,
+        channel=next(iter(conn.channels)),
+        request_id=request_id,
+        function_id=function_id,
+        task_type=task_type,
+        task_id=task_hash(function_id, kwargs) if task_id is None else task_id,
+        kwargs=kwargs,
+    )
 
 
 class Worker:
@@ -297,17 +318,7 @@ async def test_an_unknown_function_ends_in_an_error_naming_it_and_nothing_is_cac
         # Asked directly anyway, the provider says it does not serve it.
         conn = requester.connections[provider.node_id]
         with pytest.raises(RequestFailed, match=r"does not serve task function 'ad\.v1'"):
-            await conn.request(
-                TaskRequest(
-                    id=0,
-                    channel=next(iter(conn.channels)),
-                    request_id="direct1",
-                    function_id="ad.v1",
-                    task_type="pure-calculation",
-                    task_id=task_hash("ad.v1", {}),
-                    kwargs={},
-                )
-            )
+            await conn.request(direct(conn, "direct1", "ad.v1", {}))
 
 
 async def test_kwargs_that_are_not_json_are_refused_clearly_and_the_session_stays(
@@ -331,28 +342,11 @@ async def test_kwargs_that_are_not_json_are_refused_clearly_and_the_session_stay
         # A peer that sends bytes (CBOR can carry them, JSON cannot) is told so; the session
         # goes on, since the frame itself was well formed.
         conn = requester.connections[provider.node_id]
-        channel = next(iter(conn.channels))
-        bad = TaskRequest(
-            id=0,
-            channel=channel,
-            request_id="bytes1",
-            function_id="add.v1",
-            task_type="pure-calculation",
-            task_id="0" * 40,
-            kwargs={"a": b"\x00", "b": 1},
-        )
+        bad = direct(conn, "bytes1", "add.v1", {"a": b"\x00", "b": 1}, task_id="0" * 40)
         with pytest.raises(RequestFailed, match=r"kwargs\['a'\] is a bytes") as refused:
             await conn.request(bad)
         assert refused.value.code == "bad-request"
-        wrong_id = TaskRequest(
-            id=0,
-            channel=channel,
-            request_id="id1",
-            function_id="add.v1",
-            task_type="pure-calculation",
-            task_id="0" * 40,
-            kwargs={"a": 1, "b": 1},
-        )
+        wrong_id = direct(conn, "id1", "add.v1", {"a": 1, "b": 1}, task_id="0" * 40)
         with pytest.raises(RequestFailed, match=r"does not match add\.v1 and its kwargs"):
             await conn.request(wrong_id)
         assert not conn.closed.is_set()
@@ -413,17 +407,7 @@ async def test_roles_are_required_to_request_and_to_provide(tmp_path: Path) -> N
             await listen.__anext__()
         conn = viewer.connections[owner.node_id]
         with pytest.raises(NotPermitted, match="lacks role requestTasks in channel lab"):
-            await conn.request(
-                TaskRequest(
-                    id=0,
-                    channel=next(iter(conn.channels)),
-                    request_id="r1",
-                    function_id="add.v1",
-                    task_type="pure-calculation",
-                    task_id=task_hash("add.v1", {}),
-                    kwargs={},
-                )
-            )
+            await conn.request(direct(conn, "r1", "add.v1", {}))
 
 
 # -- faults --------------------------------------------------------------------------------------
@@ -617,15 +601,7 @@ async def test_an_action_runs_once_per_request_id_even_delivered_twice_or_after_
 
         # The same request delivered again (a retry after a lost reply), twice at once.
         conn = requester.connections[provider.node_id]
-        retry = TaskRequest(
-            id=0,
-            channel=next(iter(conn.channels)),
-            request_id="n1",
-            function_id="note.v1",
-            task_type="action",
-            task_id=task_hash("note.v1", {"text": "probe B"}),
-            kwargs={"text": "probe B"},
-        )
+        retry = direct(conn, "n1", "note.v1", {"text": "probe B"}, task_type="action")
         replies: list[Any] = []
         async with trio.open_nursery() as nursery:
             for _ in range(2):
