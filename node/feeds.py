@@ -90,7 +90,7 @@ from kachery.protocol.feeds import (
 )
 from kachery.protocol.identity import SEED_BYTES, KeyPair, public_key_from_id
 from kachery.protocol.kachery_json import JSONValue
-from kachery.protocol.messages import Message, MsgType
+from kachery.protocol.messages import Message, MsgType, camel_case
 from kachery.protocol.uri import FeedURI, parse_feed_uri, subfeed_hash
 from kachery.storage.errors import AlreadyExists, NotFound
 from kachery.storage.feeds import FeedStore, Rows, WriteBusy
@@ -786,8 +786,7 @@ class FeedService:
                 FeedGet(
                     id=0,
                     channel=channel,
-                    feed_id=live.ref.feed_id,
-                    subfeed_hash=live.ref.subfeed_hash,
+                    **_names(live.ref),
                     start=number,
                     limit=1,
                 )
@@ -893,8 +892,7 @@ class FeedService:
                     conn,
                     FeedPush(
                         channel=push.channel,
-                        feed_id=ref.feed_id,
-                        subfeed_hash=ref.subfeed_hash,
+                        **_names(ref),
                         start=start,
                         messages=[[b, s] for b, s in chunk],
                         checkpoints=cps[-MAX_BATCH_CHECKPOINTS:],
@@ -908,8 +906,7 @@ class FeedService:
                     conn,
                     FeedHave(
                         channel=have.channel,
-                        feed_id=ref.feed_id,
-                        subfeed_hash=ref.subfeed_hash,
+                        **_names(ref),
                         count=have.count,
                     ),
                 )
@@ -975,8 +972,7 @@ class FeedService:
                         FeedGet(
                             id=0,
                             channel=pull.channel,
-                            feed_id=ref.feed_id,
-                            subfeed_hash=ref.subfeed_hash,
+                            **_names(ref),
                             start=f.start,
                             limit=f.limit,
                         )
@@ -1072,8 +1068,7 @@ class FeedService:
                 FeedSubscribe(
                     id=0,
                     channel=channel,
-                    feed_id=live.ref.feed_id,
-                    subfeed_hash=live.ref.subfeed_hash,
+                    **_names(live.ref),
                     count=live.head.count,
                 )
             )
@@ -1365,8 +1360,7 @@ class FeedService:
                         conn,
                         FeedUnsubscribe(
                             channel=view.channel,
-                            feed_id=live.ref.feed_id,
-                            subfeed_hash=live.ref.subfeed_hash,
+                            **_names(live.ref),
                         ),
                     )
         self._grants = {k: v for k, v in self._grants.items() if k[0] != feed_id}
@@ -1475,8 +1469,7 @@ class FeedService:
                         FeedSubmit(
                             id=0,
                             channel=ch,
-                            feed_id=ref.feed_id,
-                            subfeed_hash=ref.subfeed_hash,
+                            **_names(ref),
                             messages=messages,
                         )
                     )
@@ -1517,8 +1510,7 @@ class FeedService:
                             conn,
                             FeedUnsubscribe(
                                 channel=view.channel,
-                                feed_id=ref.feed_id,
-                                subfeed_hash=ref.subfeed_hash,
+                                **_names(ref),
                             ),
                         )
                     view.source = False
@@ -1553,7 +1545,7 @@ class FeedService:
         """Counters for ``kachery-node status`` (camelCase keys)."""
         now = trio.current_time()
         return {
-            **{_camel(k): v for k, v in vars(self.stats).items()},
+            **{camel_case(k): v for k, v in vars(self.stats).items()},
             "subfeedsLoaded": len(self._live),
             "offencesByPeer": {k: v for k, v in self.penalties.offences.items() if v},
             "banned": sorted(self.penalties.banned_peers(now)),
@@ -1622,11 +1614,6 @@ def _evidence(item: tuple[bytes, bytes], message: JSONValue, timestamp: int) -> 
 
 def _names(ref: SubfeedRef) -> dict[str, str]:
     return {"feed_id": ref.feed_id, "subfeed_hash": ref.subfeed_hash}
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(p.title() for p in rest)
 
 
 def _name_of(s: Any) -> str:

@@ -140,7 +140,7 @@ class UnknownMessage:
 
 def encode_message(msg: Message) -> bytes:
     """The CBOR of ``[type, fields]`` (the plaintext of a message frame)."""
-    body = {_camel(f.name): getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    body = {camel_case(f.name): getattr(msg, f.name) for f in dataclasses.fields(msg)}
     return encode([int(msg.TYPE), body])
 
 
@@ -175,7 +175,8 @@ def decode_message(data: bytes | memoryview) -> Message | UnknownMessage:
 # -- field checking ------------------------------------------------------------------------------
 
 
-def _camel(name: str) -> str:
+def camel_case(name: str) -> str:
+    """A Python field name as the wire (and API) spells it: ``subfeed_hash`` -> ``subfeedHash``."""
     head, *rest = name.split("_")
     return head + "".join(p.title() for p in rest)
 
@@ -188,7 +189,7 @@ def _field_names(cls: type[Message]) -> dict[str, str]:
     """camelCase wire name -> field name (cached per class)."""
     names = _FIELD_NAMES.get(cls)
     if names is None:
-        names = _FIELD_NAMES[cls] = {_camel(f.name): f.name for f in dataclasses.fields(cls)}
+        names = _FIELD_NAMES[cls] = {camel_case(f.name): f.name for f in dataclasses.fields(cls)}
     return names
 
 
