@@ -424,20 +424,7 @@ class FileService:
         """
         if uri.chunk_of is not None:
             return await self._download_chunk(uri, only)
-        entry = await self.node.run_sync(self.files.get, uri.sha1)
-        if entry is not None:
-            return entry
-        while uri.sha1 in self._active:  # someone is fetching it already: wait for them
-            await self._active[uri.sha1].wait()
-            entry = await self.node.run_sync(self.files.get, uri.sha1)
-            if entry is not None:
-                return entry
-        done = self._active[uri.sha1] = trio.Event()
-        try:
-            entry = await self._download(uri, only, progress)
-        finally:
-            del self._active[uri.sha1]
-            done.set()
+        entry = await self._download_once(uri, only, progress)
         assert entry is not None  # a whole-file download lands or raises
         return entry
 
@@ -493,14 +480,21 @@ class FileService:
         if not providers:
             raise self._not_found(uri)
         lo, hi = _check_range(start, end, providers[0].size)
-        landed = await self._download_once(uri, (lo, hi))
+        landed = await self._download_once(uri, byte_range=(lo, hi))
         if landed is not None:
             return landed.path, lo, hi
         return self.downloads.partial_path(uri.sha1), lo, hi
 
     async def _download_once(
-        self, uri: FileURI, byte_range: tuple[int, int] | None
+        self,
+        uri: FileURI,
+        only: str | None = None,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+        byte_range: tuple[int, int] | None = None,
     ) -> FileEntry | None:
+        """Download ``uri`` (all of it, or the pieces covering ``byte_range``) unless it is
+        stored here; one download per file at a time: a second caller waits for the first, then
+        finds the file stored (or starts its own, if the first fetched only a range)."""
         while uri.sha1 in self._active:
             await self._active[uri.sha1].wait()
         entry = await self.node.run_sync(self.files.get, uri.sha1)
@@ -508,7 +502,7 @@ class FileService:
             return entry
         done = self._active[uri.sha1] = trio.Event()
         try:
-            return await self._download(uri, None, None, byte_range)
+            return await self._download(uri, only, progress, byte_range)
         finally:
             del self._active[uri.sha1]
             done.set()
