@@ -207,17 +207,7 @@ class TaskStore:
 
 
 def _result(row: Row[object]) -> TaskResult:
-    m = row._mapping
-    return TaskResult(
-        task_id=m["task_id"],
-        kwargs_digest=m["kwargs_digest"],
-        task_type=m["task_type"],
-        function_id=m["function_id"],
-        result_uri=m["result_uri"],
-        result_kind=m["result_kind"],
-        source=m["source"],
-        finished_at=float(m["finished_at"]),
-    )
+    return TaskResult(**row._mapping)  # the fields are the columns
 
 
 def _action_row(conn: Connection, requester: str, request_id: str) -> ActionRecord | None:
@@ -225,16 +215,4 @@ def _action_row(conn: Connection, requester: str, request_id: str) -> ActionReco
     row = conn.execute(
         select(t).where(t.c.requester == requester, t.c.request_id == request_id)
     ).first()
-    if row is None:
-        return None
-    m = row._mapping
-    return ActionRecord(
-        requester=m["requester"],
-        request_id=m["request_id"],
-        function_id=m["function_id"],
-        kwargs_digest=m["kwargs_digest"],
-        status=m["status"],
-        error=m["error"],
-        accepted_at=float(m["accepted_at"]),
-        finished_at=None if m["finished_at"] is None else float(m["finished_at"]),
-    )
+    return None if row is None else ActionRecord(**row._mapping)
