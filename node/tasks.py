@@ -33,6 +33,7 @@ Non-goals: the wire format and the decisions (kachery.protocol.tasks), SQL
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -447,7 +448,7 @@ class TaskService:
         """Answer a new job from the cache or the action ledger, or queue it for a worker."""
         spec = job.spec
         if spec.task_type is TaskType.PURE:
-            held = await self._held(spec.task_id, spec.kwargs_digest, TaskType.PURE)
+            held = await self._held(spec.task_id, spec.kwargs_digest, TaskType.PURE, inline=True)
             if held is not None:
                 record, size, data = held
                 self.stats.jobs_answered_from_cache += 1
@@ -496,38 +497,41 @@ class TaskService:
         self._dispatch()
 
     async def _held(
-        self, task_id: str, kwargs_digest: str, task_type: str
+        self, task_id: str, kwargs_digest: str, task_type: str, *, inline: bool = False
     ) -> tuple[TaskResult, int, bytes | None] | None:
-        """The result recorded here, its file's size, and its bytes if it is small enough to
-        travel inline; None unless the file is still in the store."""
+        """The result recorded here, its file's size, and (with ``inline``, to send it) its bytes
+        if it is small enough to travel inline; None unless the file is still in the store."""
         key = (task_id, kwargs_digest, str(task_type))
         if self._held_keys is not None and key not in self._held_keys:
             return None
-        held = await self.node.run_sync(self._read_held, task_id, kwargs_digest, str(task_type))
+        held = await self.node.run_sync(
+            self._read_held, task_id, kwargs_digest, str(task_type), inline
+        )
         if held is None and self._held_keys is not None:
             self._held_keys.discard(key)
         return held
 
     def _read_held(
-        self, task_id: str, kwargs_digest: str, task_type: str
+        self, task_id: str, kwargs_digest: str, task_type: str, inline: bool
     ) -> tuple[TaskResult, int, bytes | None] | None:
         record = self.store.result(task_id, kwargs_digest, task_type)
         if record is None:
             return None
-        found = self._read_result_file(record.result_uri)
+        found = self._read_result_file(record.result_uri, inline=inline)
         if found is None:  # removed from the store (verify --remove): forget the record too
             self.store.forget_result(task_id, kwargs_digest, task_type)
             return None
         return record, *found
 
-    def _read_result_file(self, uri: str) -> tuple[int, bytes | None] | None:
-        """A stored result's size, and its bytes if at most INLINE_RESULT_BYTES (None: it is
-        not in the store, or its blob no longer holds what the URI names)."""
+    def _read_result_file(self, uri: str, *, inline: bool) -> tuple[int, bytes | None] | None:
+        """A stored result's size, and (with ``inline``) its bytes if at most
+        INLINE_RESULT_BYTES; None if it is not in the store, or if its bytes were read and no
+        longer hash to what the URI names."""
         sha1 = parse_file_uri(uri).sha1
         entry = self.node.home.files.get(sha1)
         if entry is None:
             return None
-        if entry.size > INLINE_RESULT_BYTES:
+        if not inline or entry.size > INLINE_RESULT_BYTES:
             return entry.size, None
         try:
             data = entry.path.read_bytes()
@@ -668,7 +672,7 @@ class TaskService:
         # A holder that may not serve files could not hand the result over: it says no.
         if not self._has_role(msg.channel, self.node.node_id, Role.PROVIDE_FILES):
             return TaskLookupResponse(id=msg.id, found=False)
-        held = await self._held(msg.task_id, msg.kwargs_digest, msg.task_type)
+        held = await self._held(msg.task_id, msg.kwargs_digest, msg.task_type, inline=True)
         if held is None:
             return TaskLookupResponse(id=msg.id, found=False)
         record, size, data = held
@@ -826,7 +830,9 @@ class TaskService:
             parsed = parse_file_uri(result_uri)
             if result_kind not in ResultKind.__members__.values():
                 raise InvalidInput(f"unknown result kind {result_kind!r}")
-            found = await self.node.run_sync(self._read_result_file, str(parsed))
+            found = await self.node.run_sync(
+                functools.partial(self._read_result_file, str(parsed), inline=True)
+            )
             if found is None:
                 raise NotFound(f"the result {result_uri} is not in this node's store")
             uri, kind, (size, data) = str(parsed), ResultKind(result_kind), found
