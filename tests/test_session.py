@@ -7,6 +7,7 @@ import os
 import pytest
 
 from kachery.protocol import CloseCode, KeyPair, LocalProtocolError, RemoteProtocolError
+from kachery.protocol import session as session_module
 from kachery.protocol.messages import ErrorReply, Ping, UnknownMessage, decode_message
 from kachery.protocol.session import (
     Admission,
@@ -192,3 +193,41 @@ def test_an_unknown_message_type_is_an_event_not_a_crash() -> None:
         decode_message(encode([2, {"nonce": 1, "extra": 2}]))
     with pytest.raises(RemoteProtocolError, match=r"\[type, fields\]"):
         decode_message(encode({"nonce": 1}))
+
+
+@pytest.mark.parametrize("sender_direct", [True, False])
+def test_direct_libsodium_and_pynacls_public_bindings_agree_frame_for_frame(
+    monkeypatch: pytest.MonkeyPatch, sender_direct: bool
+) -> None:
+    """The fast path (PyNaCl's libsodium called directly) and the public bindings interoperate,
+    including the tampering check, so a PyNaCl without the private module still talks to us."""
+    assert session_module._SODIUM is not None, "this PyNaCl should expose libsodium directly"
+    direct = session_module._SODIUM
+    i, r = established()
+    payload = os.urandom(256 * 1024 + 3)
+
+    def use(fast: bool) -> None:
+        monkeypatch.setattr(session_module, "_SODIUM", direct if fast else None)
+
+    for n in range(3):
+        use(sender_direct)
+        frame = i.send_data(1, n, payload)
+        message = i.send_message(Ping(nonce=n))
+        use(not sender_direct)
+        ev = r.receive(frame)
+        assert isinstance(ev, DataReceived)
+        assert (ev.offset, bytes(ev.payload)) == (n, payload)
+        assert r.receive(message) == MessageReceived(Ping(nonce=n))
+    use(sender_direct)
+    frame = i.send_data(1, 9, payload)
+    use(not sender_direct)
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):
+        r.receive(frame[:-1] + bytes([frame[-1] ^ 1]))
+
+
+@pytest.mark.parametrize("size", [0, 1, 31])
+def test_a_frame_shorter_than_its_tag_fails_authentication(size: int) -> None:
+    _, r = established()
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):
+        r.receive(os.urandom(size))
+    assert r.state is State.CLOSED
