@@ -130,8 +130,10 @@ class TokenBucket:
 class _Receiver:
     """One piece request in flight: its frames, kept as they arrived (no copy into a buffer).
 
-    Frames of one range come in order from their provider; each is hashed on arrival, while
-    its bytes are in cache. Written with one ``pwritev`` per piece.
+    Frames of one range come in order from their provider. Nothing is hashed on arrival: the
+    event loop only decrypts and files the frames, and ``digest`` runs in a worker thread once
+    the piece is complete (hashlib releases the GIL), so receiving the next piece overlaps
+    checking this one. Written with one ``pwritev`` per piece.
     """
 
     def __init__(self, piece: Piece) -> None:
@@ -140,7 +142,6 @@ class _Receiver:
         self.received = 0
         self.last_data = time.monotonic()
         self.error = ""
-        self.hasher = hashlib.sha1()
 
     def put(self, offset: int, payload: memoryview) -> None:
         if offset != self.piece.start + self.received:
@@ -150,12 +151,14 @@ class _Receiver:
             self.error = f"sent bytes past the end of the requested piece ({self.piece.end})"
             return
         self.frames.append(payload)
-        self.hasher.update(payload)
         self.received += len(payload)
         self.last_data = time.monotonic()
 
     def digest(self) -> str:
-        return self.hasher.hexdigest()
+        """The SHA-1 of the received bytes (blocking: call it in a worker thread)."""
+        hasher = hashlib.sha1()
+        _hash_frames(hasher, self.frames)
+        return hasher.hexdigest()
 
     def data(self) -> bytes:
         return b"".join(self.frames)
@@ -536,7 +539,7 @@ class FileService:
                 errors.append(str(exc))
                 continue
             data = receiver.data()
-            if receiver.digest() != uri.sha1:
+            if await trio.to_thread.run_sync(receiver.digest) != uri.sha1:
                 self._penalise(
                     provider.node_id, f"sent a chunk of {chunk.file_sha1} that fails its hash"
                 )
@@ -782,7 +785,7 @@ class _Download:
         # The provider's slot is free now: the next piece flows while this one is checked.
         self.plan.piece_arrived(provider_id, piece.index, time.monotonic() - started)
         self._wake()
-        digest = receiver.digest()
+        digest = await trio.to_thread.run_sync(receiver.digest)
         if digest != piece.sha1:
             self.plan.piece_failed(provider_id, piece.index, "sent a corrupt piece", corrupt=True)
             self.errors.append(f"{provider_id[:16]}... sent a corrupt piece")
