@@ -52,7 +52,7 @@ from kachery.protocol.files import (
 )
 from kachery.protocol.manifest import HashResult, Manifest
 from kachery.protocol.messages import MsgType
-from kachery.protocol.session import DataReceived
+from kachery.protocol.session import DataBlock, DataReceived
 from kachery.protocol.uri import FileURI, parse_file_uri
 from kachery.storage.errors import NotFound
 from kachery.storage.files import FileEntry
@@ -227,19 +227,17 @@ class FileService:
                 position = msg.start
                 while position < msg.end and key not in self._cancelled:
                     n = min(READ_BLOCK, msg.end - position)
-                    block = await trio.to_thread.run_sync(os.pread, fd, n, position)
-                    if len(block) != n:
+                    blocks = await trio.to_thread.run_sync(_read_blocks, fd, position, n)
+                    if blocks is None:
                         raise NotFound(f"sha1://{msg.sha1} shrank on disk while being served")
-                    view = memoryview(block)
-                    for at in range(0, n, DATA_FRAME_BYTES):
+                    for block in blocks:
                         if key in self._cancelled:
                             break
-                        frame = view[at : at + DATA_FRAME_BYTES]
                         if self.limiter is not None:
-                            await self.limiter.take(len(frame))
-                        await conn.send_data(msg.stream, position + at, frame)
-                        sent += len(frame)
-                    position += n
+                            await self.limiter.take(len(block))
+                        await conn.send_data(msg.stream, position, block)
+                        sent += len(block)
+                        position += len(block)
             finally:
                 os.close(fd)
         self._cancelled.discard(key)
@@ -865,11 +863,31 @@ def _write_piece(fd: int, offset: int, frames: list[memoryview]) -> None:
     while pending:
         written = os.pwritev(fd, pending[:IOV_BATCH], offset)
         offset += written
-        while pending and written >= len(pending[0]):
-            written -= len(pending[0])
-            pending.pop(0)
-        if written:
-            pending[0] = pending[0][written:]
+        _consume(pending, written)
+
+
+def _read_blocks(fd: int, position: int, size: int) -> list[DataBlock] | None:
+    """``size`` bytes at ``position`` read straight into data frames' payloads (None if the file
+    ends first): the session seals them where they lie, so no copy is made on the way."""
+    blocks = [
+        DataBlock(min(DATA_FRAME_BYTES, size - at)) for at in range(0, size, DATA_FRAME_BYTES)
+    ]
+    views = [block.payload for block in blocks]
+    while views:
+        got = os.preadv(fd, views[:IOV_BATCH], position)
+        if got == 0:
+            return None
+        position += got
+        _consume(views, got)
+    return blocks
+
+
+def _consume(views: list[memoryview], n: int) -> None:
+    """Drop the first ``n`` bytes of ``views`` (after a vectored read or write of ``n`` bytes)."""
+    while views and n >= len(views[0]):
+        n -= len(views.pop(0))
+    if n:
+        views[0] = views[0][n:]
 
 
 def _hash_frames(hasher: Any, frames: list[memoryview]) -> None:

@@ -35,6 +35,7 @@ from kachery.protocol.messages import ErrorCode, ErrorReply, Message, Ping, Pong
 from kachery.protocol.session import (
     Admission,
     Claim,
+    DataBlock,
     DataReceived,
     InitiatorIdentified,
     MessageReceived,
@@ -252,7 +253,7 @@ class PeerConnection:
         self._pending: dict[int, _Pending] = {}
         self._control_send, self._control_recv = trio.open_memory_channel[Message](CONTROL_QUEUE)
         self._bulk_send, self._bulk_recv = trio.open_memory_channel[
-            tuple[int, int, bytes | memoryview] | Message
+            tuple[int, int, DataBlock | bytes | memoryview] | Message
         ](BULK_QUEUE)
         self._work = trio.Event()
         self._last_heard = time.monotonic()
@@ -438,7 +439,9 @@ class PeerConnection:
             raise Unavailable(f"the session with {self.node_id[:16]}... is closed")
         self._queue_control(msg)
 
-    async def send_data(self, stream: int, offset: int, payload: bytes | memoryview) -> None:
+    async def send_data(
+        self, stream: int, offset: int, payload: DataBlock | bytes | memoryview
+    ) -> None:
         """Send a bulk data block; waits while the writer is BULK_QUEUE blocks behind."""
         if self.closed.is_set():
             raise Unavailable(f"the session with {self.node_id[:16]}... is closed")

@@ -193,6 +193,34 @@ class DataReceived:
     payload: memoryview = field(repr=False)
 
 
+class DataBlock:
+    """A bulk data payload with room for the frame header in front of it.
+
+    ``send_data`` seals a block where it lies, so file bytes read straight into ``payload``
+    (``os.preadv``) reach the cipher without a copy; any other payload is copied into a block
+    first. A block may be reused once its frame is sealed.
+    """
+
+    __slots__ = ("buffer",)
+
+    def __init__(self, size: int) -> None:
+        self.buffer = bytearray(_DATA_HEADER.size + size)
+
+    @classmethod
+    def of(cls, data: bytes | bytearray | memoryview) -> DataBlock:
+        block = cls(len(data))
+        block.payload[:] = data
+        return block
+
+    @property
+    def payload(self) -> memoryview:
+        """Where the data goes (everything after the header)."""
+        return memoryview(self.buffer)[_DATA_HEADER.size :]
+
+    def __len__(self) -> int:
+        return len(self.buffer) - _DATA_HEADER.size
+
+
 Event = (
     HelloReceived
     | ResponderIdentified
@@ -267,10 +295,10 @@ class _Cipher:
         self._counter += 1
         return self._nonce_buf
 
-    def seal(self, plaintext: bytes) -> bytes:
+    def seal(self, plaintext: bytes | bytearray) -> bytes:
         if _SODIUM is None:
             return nacl.bindings.crypto_aead_aegis256_encrypt(
-                plaintext, None, bytes(self._nonce()), self._key
+                bytes(plaintext), None, bytes(self._nonce()), self._key
             )
         ffi = _SODIUM.ffi
         size = len(plaintext) + TAG_BYTES
@@ -278,7 +306,7 @@ class _Cipher:
         _SODIUM.lib.crypto_aead_aegis256_encrypt(
             out,
             self._length,
-            plaintext,
+            ffi.from_buffer(plaintext),
             len(plaintext),
             ffi.NULL,
             0,
@@ -475,11 +503,15 @@ class Session:
         assert self._send is not None
         return self._send.seal(bytes([KIND_MESSAGE]) + encode_message(msg))
 
-    def send_data(self, stream: int, offset: int, payload: bytes | memoryview) -> bytes:
-        """One encrypted frame carrying a bulk data block."""
+    def send_data(
+        self, stream: int, offset: int, payload: DataBlock | bytes | bytearray | memoryview
+    ) -> bytes:
+        """One encrypted frame carrying a bulk data block (a ``DataBlock`` is not copied)."""
         self._step("send_frame")
         assert self._send is not None
-        return self._send.seal(_DATA_HEADER.pack(KIND_DATA, stream, offset) + payload)
+        block = payload if isinstance(payload, DataBlock) else DataBlock.of(payload)
+        _DATA_HEADER.pack_into(block.buffer, 0, KIND_DATA, stream, offset)
+        return self._send.seal(block.buffer)
 
     # -- receiving -----------------------------------------------------------------------------
 
