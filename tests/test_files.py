@@ -13,10 +13,10 @@ import trio
 
 from kachery.node.daemon import Node
 from kachery.node.errors import NotPermitted, Unavailable
-from kachery.node.files import FileService
+from kachery.node.files import FileService, _read_blocks, _write_piece
 from kachery.protocol import FileURI
 from kachery.protocol.channel import Role
-from kachery.protocol.files import FindFile
+from kachery.protocol.files import DATA_FRAME_BYTES, FindFile
 from kachery.protocol.messages import DocRequest
 from kachery.storage import NotFound
 from kachery.storage.files import FileEntry
@@ -290,3 +290,31 @@ async def test_a_bulk_transfer_does_not_starve_control_messages(tmp_path: Path) 
                     answered_during += 1
             await finished.wait()
         assert answered_during == 5
+
+
+def test_served_ranges_are_read_straight_into_frame_payloads_and_pieces_written_back(
+    tmp_path: Path,
+) -> None:
+    """The provider's vectored read into DataBlocks, and the downloader's vectored write of the
+    received frames, move every byte to its place; a file that ends early is reported."""
+    data = os.urandom(3 * DATA_FRAME_BYTES + 12345)
+    source = tmp_path / "source.bin"
+    source.write_bytes(data)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        blocks = _read_blocks(fd, 100, len(data) - 100)
+        assert blocks is not None
+        assert [len(b) for b in blocks] == [DATA_FRAME_BYTES] * 3 + [12245]
+        assert b"".join(bytes(b.payload) for b in blocks) == data[100:]
+        assert _read_blocks(fd, len(data) - 10, 11) is None  # the file ends first
+    finally:
+        os.close(fd)
+
+    target = tmp_path / "target.bin"
+    target.write_bytes(bytes(len(data)))
+    fd = os.open(target, os.O_RDWR)
+    try:
+        _write_piece(fd, 100, [b.payload for b in blocks])
+    finally:
+        os.close(fd)
+    assert target.read_bytes() == bytes(100) + data[100:]
