@@ -68,6 +68,41 @@ def test_a_group_commit_stores_all_or_nothing(store: FeedStore) -> None:
     assert store.head(a).count == 3
 
 
+def test_a_failed_group_commit_leaves_nothing_for_the_next_commit(store: FeedStore) -> None:
+    store.add_feed(FEED, owned=True)
+    a = store.subfeed(FEED, SUB, create=True)
+    b = store.subfeed(FEED, "ef" * 20, create=True)
+    assert a is not None
+    assert b is not None
+    store.append_many([rows(a, 0, 3)])
+    with pytest.raises(DatabaseError, match="already stored"):
+        store.append_many([rows(b, 0, 2), rows(a, 2, 2)])  # b's rows go in before the failure
+    store.append_many([rows(a, 3, 1)])  # commits its own transaction, not the failed one's rows
+    store.grant(FEED, SUB, "01" * 32)  # and SQLAlchemy writes on the same connection still work
+    assert store.head(b).count == 0
+    assert store.head(a).count == 4
+    assert store.grants(FEED) == [(SUB, "01" * 32)]
+
+
+@pytest.mark.parametrize("sqlite_path", [True, False], ids=["dbapi", "portable"])
+def test_both_append_paths_store_messages_and_checkpoints_alike(
+    store: FeedStore, sqlite_path: bool
+) -> None:
+    store._sqlite = sqlite_path  # the portable path (any SQLAlchemy database) also runs on SQLite
+    store.add_feed(FEED, owned=True)
+    sf = store.subfeed(FEED, SUB, create=True)
+    assert sf is not None
+    r = rows(sf, 0, 4)
+    cps = [Checkpoint(2, r.chains[1], os.urandom(64)), Checkpoint(4, r.chains[3], os.urandom(64))]
+    store.append_many([Rows(sf, 0, r.bodies[:2], r.signatures[:2], r.chains[:2], cps[:1])])
+    store.append(sf, 2, r.bodies[2:], r.signatures[2:], r.chains[2:], cps[1:])
+    assert store.read(sf, 0, 10) == list(zip(r.bodies, r.signatures, strict=True))
+    assert [store.chain_after(sf, n) for n in range(4)] == r.chains
+    assert store.checkpoints(sf, 0, 4) == cps
+    with pytest.raises(DatabaseError, match="already stored"):
+        store.append(sf, 3, r.bodies[3:], r.signatures[3:], r.chains[3:])
+
+
 def test_a_write_that_must_not_wait_says_busy_when_another_writer_holds_the_lock(
     store: FeedStore, tmp_path: Path
 ) -> None:
