@@ -21,9 +21,18 @@ from kachery.node.transport import DialError
 from kachery.protocol.codec import encode
 from kachery.protocol.errors import CloseCode, InvalidInput
 from kachery.protocol.feed_messages import FeedGet, FeedPush
-from kachery.protocol.feeds import MAX_BODY_BYTES, SubfeedRef
+from kachery.protocol.feeds import (
+    CHECKPOINT_EVERY_MESSAGES,
+    MAX_BODY_BYTES,
+    Head,
+    SubfeedRef,
+    decode_record,
+    finish_batch,
+    first_bad_signature,
+    prepare_batch,
+)
 from kachery.protocol.uri import subfeed_hash
-from kachery.storage.errors import AlreadyExists, NotFound
+from kachery.storage.errors import AlreadyExists, DatabaseError, NotFound
 
 from .swarm import WAIT, Swarm, lab, swarm, wait
 
@@ -129,6 +138,90 @@ async def test_appended_messages_survive_a_restart(tmp_path: Path) -> None:
         read = await feeds(again).feed_read(uri)
         assert [m["message"] for m in read["messages"]] == [1, 2, 3, 4]
         assert feeds(again).count(ref) == 4
+
+
+async def stored_chain(f: FeedService, ref: SubfeedRef) -> list[Any]:
+    """Every stored message of a subfeed, checked as a peer would: signatures, numbers, links,
+    stored chain values and checkpoints. Returns the message values."""
+    live = f._live[(ref.feed_id, ref.subfeed_hash)]
+    count = f.count(ref)
+    items = await trio.to_thread.run_sync(f.store.read, live.sf, 0, count)
+    assert len(items) == count
+    prepared = prepare_batch(ref, Head.empty(ref), [list(i) for i in items])
+    assert first_bad_signature(ref, prepared.bodies, prepared.signatures, prepared.unproven) is None
+    assert finish_batch(prepared) == live.head
+    for n in (0, count // 2, count - 1):
+        assert await trio.to_thread.run_sync(f.store.chain_after, live.sf, n) == prepared.chains[n]
+    checkpoints = await trio.to_thread.run_sync(f.store.checkpoints, live.sf, 0, count)
+    every = CHECKPOINT_EVERY_MESSAGES
+    assert [c.count for c in checkpoints] == list(range(every, count + 1, every))
+    assert all(c.verify(ref) and c.chain_hash == prepared.chains[c.count - 1] for c in checkpoints)
+    return [decode_record(body).message for body, _ in items]
+
+
+async def test_concurrent_appends_share_commits_and_keep_one_valid_chain(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        node = await s.start("lab")
+        f = feeds(node)
+        ref, _ = await notebook(node)
+        returned: list[tuple[str, int, int]] = []
+
+        async def appender(name: str, size: int) -> None:
+            for i in range(10):
+                values = [f"{name} {i} {j}" for j in range(size)]
+                start, count = await f.append(ref, values)
+                returned.append((name, start, count))
+
+        calls = 0
+        async with trio.open_nursery() as nursery:
+            for k in range(6):  # one message per call: inline group commits
+                nursery.start_soon(appender, f"single{k}", 1)
+                calls += 10
+            nursery.start_soon(appender, "big", 150)  # over INLINE_WRITE: a worker thread
+            calls += 10
+        messages = await stored_chain(f, ref)
+        assert len(messages) == 6 * 10 + 150 * 10
+        for name, start, count in returned:  # each call got the numbers its messages have
+            assert [m.split()[0] for m in messages[start : start + count]] == [name] * count
+        for k in ["big"] + [f"single{k}" for k in range(6)]:  # each caller's order is kept
+            mine = [m for m in messages if m.split()[0] == k]
+            assert mine == sorted(mine, key=lambda m: [int(x) for x in m.split()[1:]])
+        assert f.stats.commits < calls  # concurrent callers shared commits
+        assert f.stats.inline_writes > 0
+        assert f.stats.thread_writes > 0
+
+
+async def test_a_failed_append_stores_nothing_and_the_next_one_continues_the_chain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with swarm(tmp_path) as s:
+        node = await s.start("lab")
+        f = feeds(node)
+        ref, _ = await notebook(node)
+        assert await f.append(ref, ["kept"]) == (0, 1)
+
+        def broken(*_: Any, **__: Any) -> None:
+            raise DatabaseError("the disk is full (simulated)")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(f.store, "append_many", broken)
+            with pytest.raises(DatabaseError, match="simulated"):
+                await f.append(ref, ["lost alone"])  # a lone append, written inline
+            failures = 0
+
+            async def doomed(i: int) -> None:
+                nonlocal failures
+                with pytest.raises(DatabaseError, match="simulated"):
+                    await f.append(ref, [f"lost {i}"] * (1 if i else 200))
+                failures += 1
+
+            async with trio.open_nursery() as nursery:  # queued appends fail with their group
+                for i in range(4):
+                    nursery.start_soon(doomed, i)
+            assert failures == 4
+            assert f.count(ref) == 1
+        assert await f.append(ref, ["next"]) == (1, 1)
+        assert await stored_chain(f, ref) == ["kept", "next"]
 
 
 # -- following live ------------------------------------------------------------------------------
