@@ -6,6 +6,8 @@ Nothing sleeps to wait: tests wait on the feed service's own events (``wait_coun
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 import trio
 
+import kachery.node.feeds as feeds_module
 from kachery.node.daemon import Node
 from kachery.node.errors import NotPermitted
 from kachery.node.feeds import FeedService
@@ -222,6 +225,45 @@ async def test_a_failed_append_stores_nothing_and_the_next_one_continues_the_cha
             assert f.count(ref) == 1
         assert await f.append(ref, ["next"]) == (1, 1)
         assert await stored_chain(f, ref) == ["kept", "next"]
+
+
+async def test_a_wal_checkpoint_completes_while_appends_go_on_so_the_wal_starts_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(feeds_module, "WAL_CHECKPOINT_ROWS", 10**9)  # only the one run here
+    async with swarm(tmp_path) as s:
+        node = await s.start("lab")
+        f = feeds(node)
+        ref, _ = await notebook(node)
+        for i in range(200):  # one-message commits: a few WAL frames each
+            await f.append(ref, [i])
+        checkpoint = f.store.checkpoint_wal
+        calls = 0
+
+        def checkpoint_while_appending() -> None:
+            nonlocal calls
+            calls += 1
+            checkpoint()
+            if calls == 1:  # appends land in the WAL behind the first pass
+                for i in range(40):
+                    trio.from_thread.run(f.append, ref, [f"during {i}"])
+
+        monkeypatch.setattr(f.store, "checkpoint_wal", checkpoint_while_appending)
+        await f._checkpoint_wal()
+        await f.append(ref, ["after"])  # starts the WAL over if the checkpoint reached its end
+        path = f.store.db.engine.url.database
+        assert path is not None
+
+        def wal_frames() -> int:
+            with contextlib.closing(sqlite3.connect(path)) as conn:
+                return int(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1])
+
+        assert await trio.to_thread.run_sync(wal_frames) < 20
+        assert await stored_chain(f, ref) == [
+            *range(200),
+            *[f"during {i}" for i in range(40)],
+            "after",
+        ]
 
 
 # -- following live ------------------------------------------------------------------------------
