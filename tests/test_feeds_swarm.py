@@ -227,10 +227,50 @@ async def test_a_failed_append_stores_nothing_and_the_next_one_continues_the_cha
         assert await stored_chain(f, ref) == ["kept", "next"]
 
 
+async def test_the_wal_is_checkpointed_after_so_many_bytes_of_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A one-message commit counts ~9 KB (it rewrites whole pages); 200 messages count their bytes.
+    assert feeds_module.wal_bytes(1, 400) < 10_000 < 100_000 < feeds_module.wal_bytes(200, 80_000)
+    monkeypatch.setattr(feeds_module, "WAL_CHECKPOINT_BYTES", 50_000)
+    async with swarm(tmp_path) as s:
+        node = await s.start("lab")
+        f = feeds(node)
+        ref, _ = await notebook(node)
+        checkpoint, run_checkpoint = f.store.checkpoint_wal, f._checkpoint_wal
+        passes = 0
+        finished = trio.Event()
+
+        def counted() -> None:
+            nonlocal passes
+            passes += 1
+            checkpoint()
+
+        async def observed() -> None:
+            await run_checkpoint()
+            finished.set()
+
+        monkeypatch.setattr(f.store, "checkpoint_wal", counted)
+        monkeypatch.setattr(f, "_checkpoint_wal", observed)
+        for i in range(4):  # ~36 KB: not yet
+            await f.append(ref, [i])
+        assert not f._wal_checkpointing
+        for i in range(4):
+            await f.append(ref, [i])
+        with trio.fail_after(WAIT):
+            await finished.wait()
+        assert passes == 2  # one checkpoint: a pass beside the appends, one holding them back
+        finished = trio.Event()
+        await f.append(ref, [{"pad": "x" * 400}] * 200)  # one big commit is enough on its own
+        with trio.fail_after(WAIT):
+            await finished.wait()
+        assert passes == 4
+
+
 async def test_a_wal_checkpoint_completes_while_appends_go_on_so_the_wal_starts_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(feeds_module, "WAL_CHECKPOINT_ROWS", 10**9)  # only the one run here
+    monkeypatch.setattr(feeds_module, "WAL_CHECKPOINT_BYTES", 2**60)  # only the one run here
     async with swarm(tmp_path) as s:
         node = await s.start("lab")
         f = feeds(node)
