@@ -273,6 +273,46 @@ def _check_value(value: Any, path: str, depth: int) -> None:
     raise InvalidInput(f"{path} is a {kind.__name__}, which is not a JSON value")
 
 
+def _canonical_cbor(value: JSONValue, what: str) -> bytes:
+    """Canonical CBOR of a checked JSON value; a string UTF-8 cannot encode is InvalidInput.
+
+    Python strings may hold lone surrogates (``json.loads('"\\ud800"')`` makes one); UTF-8,
+    and so CBOR and JSON text, cannot carry them. Looked for only when encoding fails, so the
+    common case pays nothing.
+    """
+    try:
+        data: bytes = cbor2.dumps(value, canonical=True)
+    except UnicodeEncodeError:
+        where = _unencodable(value, what) or what
+        raise InvalidInput(
+            f"{where} holds a lone surrogate, which UTF-8 (and so JSON and CBOR) cannot carry"
+        ) from None
+    return data
+
+
+def _unencodable(value: Any, path: str) -> str | None:
+    """The path of the first string (or key) in ``value`` that UTF-8 cannot encode."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return path
+        return None
+    items: Any = ()
+    if isinstance(value, dict):
+        for key in value:
+            if _unencodable(key, "") is not None:
+                return f"{path} key {key!r}"
+        items = ((f"{path}[{k!r}]", v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    for where, item in items:
+        found = _unencodable(item, where)
+        if found is not None:
+            return found
+    return None
+
+
 def encode_message_value(value: JSONValue, what: str = "message") -> bytes:
     """The canonical CBOR of a message value, after checking it is JSON and within the limit.
 
@@ -280,7 +320,7 @@ def encode_message_value(value: JSONValue, what: str = "message") -> bytes:
         InvalidInput: not a JSON value, or over MAX_MESSAGE_BYTES (the message says which).
     """
     check_message_value(value, what)
-    data: bytes = cbor2.dumps(value, canonical=True)
+    data = _canonical_cbor(value, what)
     if len(data) > MAX_MESSAGE_BYTES:
         raise InvalidInput(
             f"{what} is {len(data):,} bytes as CBOR, over the {MAX_MESSAGE_BYTES:,}-byte limit of a"
@@ -300,7 +340,7 @@ def encode_metadata(value: Mapping[str, JSONValue] | None) -> bytes:
     if not isinstance(value, dict):
         raise InvalidInput(f"metaData must be a JSON object, not {type(value).__name__}")
     check_message_value(value, "metaData")
-    data: bytes = cbor2.dumps(value, canonical=True)
+    data = _canonical_cbor(value, "metaData")
     if len(data) > MAX_METADATA_BYTES:
         raise InvalidInput(f"metaData is {len(data):,} bytes, over {MAX_METADATA_BYTES:,}")
     return data

@@ -7,6 +7,7 @@ refused here before anything could be stored; the node tests check the same over
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -157,6 +158,17 @@ def test_message_values_are_json_only_and_limited_in_size() -> None:
         encode_message_value("x" * MAX_MESSAGE_BYTES)
     with pytest.raises(InvalidInput, match="metaData must be a JSON object"):
         encode_metadata([1])  # type: ignore[arg-type]
+
+
+def test_a_lone_surrogate_is_invalid_input_naming_where_it_is() -> None:
+    """JSON text can spell a lone surrogate ("\\ud800"); UTF-8 cannot encode it."""
+    lone = json.loads('"\\ud800"')
+    with pytest.raises(InvalidInput, match=r"message\['a'\]\[1\] holds a lone surrogate"):
+        encode_message_value({"a": [1, lone]})
+    with pytest.raises(InvalidInput, match=r"message key .* holds a lone surrogate"):
+        encode_message_value({lone: 1})
+    with pytest.raises(InvalidInput, match=r"metaData\['x'\] holds a lone surrogate"):
+        encode_metadata({"x": lone})
 
 
 # -- faults: each is refused before anything is stored ------------------------------------------
