@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,7 +40,7 @@ from kachery.protocol.errors import InvalidInput, KacheryError
 from kachery.protocol.uri import FileURI, parse_file_uri
 from kachery.storage.errors import AlreadyExists, NotFound
 
-from .client import API_HOST, AUTH_HEADER
+from .client import API_HOST, AUTH_HEADER, KEEP_ALIVE_SECONDS
 from .client import ensure_client_auth as ensure_client_auth  # the daemon creates the token
 from .errors import NodeError, NotPermitted, Unavailable
 
@@ -171,6 +171,7 @@ async def serve_api(
     config = Config()
     config.bind = [f"fd://{listener.detach()}"]
     config.graceful_timeout = GRACEFUL_SECONDS
+    config.keep_alive_timeout = KEEP_ALIVE_SECONDS  # clients reuse idle connections well within
     config.include_server_header = False
     http_log.setLevel(logging.NOTSET if verbose else logging.WARNING)
     config.errorlog = http_log
@@ -282,13 +283,19 @@ class _App:
             error = {"type": refused.kind, "message": refused.message}
             await _send_json(send, refused.status, {"error": error})
             return
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-            if spec.streams:
-                await _stream(name, spec, kwargs, send)
-            else:
-                await _call(name, spec, kwargs, send)
-            nursery.cancel_scope.cancel()
+        if spec.streams:
+            answer = await _unless_disconnected(receive, _stream(name, spec, kwargs, send))
+        else:
+            answer = await _unless_disconnected(receive, _call(name, spec, kwargs))
+        if answer is None:
+            return  # the client went away: the call was cancelled
+        # The last bytes go out here, past the disconnect watcher: within this send hypercorn
+        # readies the connection for the client's next call (keep-alive), which the watcher's
+        # cancelled scope would cut short, leaving the connection without its idle timeout.
+        status, last = answer
+        if status is not None:
+            await _send_start(send, status, JSON_TYPE, len(last))
+        await send({"type": "http.response.body", "body": last, "more_body": False})
 
     def _route(self, scope: HTTPScope) -> str | None:
         """The method a request names (None for the probe), once it is authorized."""
@@ -455,22 +462,36 @@ def _arguments(name: str, spec: MethodSpec, body: bytes) -> dict[str, Any]:
     return value
 
 
-async def _call(
-    name: str, spec: MethodSpec, kwargs: dict[str, Any], send: ASGISendCallable
-) -> None:
+_Answer = tuple[int | None, bytes]
+"""The end of an answer: the status to start it with (None: it was started), its last bytes."""
+
+
+async def _unless_disconnected(
+    receive: ASGIReceiveCallable, call: Awaitable[_Answer]
+) -> _Answer | None:
+    """Run a method's call; None if its client went away first (the call is then cancelled)."""
+    answer = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+        answer = await call
+        nursery.cancel_scope.cancel()
+    return answer
+
+
+async def _call(name: str, spec: MethodSpec, kwargs: dict[str, Any]) -> _Answer:
+    """Run a plain method; the status and body of its answer."""
     try:
-        body = _dumps({"result": await spec.func(**kwargs)})
-        status = 200
+        return 200, _dumps({"result": await spec.func(**kwargs)})
     except Exception as exc:
         status, error = _failure(name, exc)
-        body = _dumps({"error": error})
-    await _send_start(send, status, JSON_TYPE, len(body))
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+        return status, _dumps({"error": error})
 
 
 async def _stream(
     name: str, spec: MethodSpec, kwargs: dict[str, Any], send: ASGISendCallable
-) -> None:
+) -> _Answer:
+    """Run a streaming method, sending its events as they come; its last line is for the caller
+    to send."""
     await _send_start(send, 200, NDJSON_TYPE, None)
     final: dict[str, Any] = {"result": None}
     iterator: Any = None
@@ -490,7 +511,7 @@ async def _stream(
     finally:
         if isinstance(iterator, AsyncGenerator):
             await iterator.aclose()
-    await send({"type": "http.response.body", "body": _dumps(final), "more_body": False})
+    return None, _dumps(final)
 
 
 def _as_async_iterator(value: object) -> AsyncIterator[Any]:

@@ -48,6 +48,9 @@ daemon bounds those waits itself well below this."""
 TOKEN_BYTES = 32
 """Random bytes in the client-auth token (written as hex)."""
 
+KEEP_ALIVE_SECONDS = 5.0
+"""How long the daemon keeps an idle API connection open for the client's next call."""
+
 
 # -- files shared by the daemon and its clients ------------------------------------------------
 

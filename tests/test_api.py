@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
+import kachery.node.api
 from kachery.node.api import MethodSpec, StreamResult, exposed, methods_of, serve_api
 from kachery.node.cli import parse_duration
 from kachery.node.client import (
@@ -303,6 +304,31 @@ async def test_a_client_that_goes_away_cancels_its_stream(home: Path) -> None:
         assert await in_thread(first_event_then_close) == {"step": 0}
         with trio.fail_after(30):  # a guard against hanging, not a wait
             await control.stream_closed.wait()
+
+
+# -- connections -------------------------------------------------------------------------------
+
+
+async def test_the_daemon_closes_a_connection_left_idle_after_its_answer(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kachery.node.api, "KEEP_ALIVE_SECONDS", 0.1)
+
+    def call_then_wait_for_the_close(port: int, path: str, body: bytes) -> bytes:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request("POST", path, body=body, headers=auth(home))
+            response = conn.getresponse()
+            assert response.status == 200
+            response.read()
+            assert conn.sock is not None
+            return bytes(conn.sock.recv(1))  # blocks until the daemon closes it (or 30 s pass)
+        finally:
+            conn.close()
+
+    async with running_api(home, FakeControl()) as port:
+        for path, body in (("/api/echo", b'{"text": "x"}'), ("/api/progress", b'{"steps": 1}')):
+            assert await in_thread(call_then_wait_for_the_close, port, path, body) == b""
 
 
 # -- finding the daemon, and stopping it --------------------------------------------------------
