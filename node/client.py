@@ -5,7 +5,10 @@ and listen address, written atomically with mode 0600 while it runs) and ``clien
 random token, mode 0600, sent as the ``KACHERY-CLIENT-AUTH-CODE`` header: only users who can
 read the node home can drive its daemon). ``DaemonClient`` reads both and calls the API with
 ``http.client`` from the standard library, synchronously, for the command line and the Python
-library. Errors the daemon reports come back as the same ``KacheryError`` subclass.
+library. Errors the daemon reports come back as the same ``KacheryError`` subclass. A connection
+whose answer was read to its end is kept open (HTTP/1.1 keep-alive) and reused by the next call
+from any thread of the process within ``REUSE_SECONDS``, well inside the time the daemon keeps an
+idle connection (``KEEP_ALIVE_SECONDS``): most calls cost no TCP connection of their own.
 
 Non-goals: asynchronous use (call it from a worker thread inside Trio), and reaching a daemon on
 another machine: the API listens on 127.0.0.1 only.
@@ -18,7 +21,10 @@ import http.client
 import json
 import logging
 import os
+import select
 import stat
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +56,13 @@ TOKEN_BYTES = 32
 
 KEEP_ALIVE_SECONDS = 5.0
 """How long the daemon keeps an idle API connection open for the client's next call."""
+
+REUSE_SECONDS = KEEP_ALIVE_SECONDS / 2
+"""A client reuses an idle connection only this long after its last answer, so the daemon never
+closes one as a call is sent on it (a call is never sent twice: an action runs at most once)."""
+
+KEPT_CONNECTIONS = 16
+"""Idle API connections a process keeps (one per thread that calls at once, in practice)."""
 
 
 # -- files shared by the daemon and its clients ------------------------------------------------
@@ -272,7 +285,7 @@ class DaemonClient:
             raise kachery.protocol.errors.InvalidInput(
                 f"the arguments of {method} are not JSON: {exc}"
             ) from None
-        conn = http.client.HTTPConnection(API_HOST, info.api_port, timeout=timeout)
+        conn = _KEPT.take(info.api_port, timeout)
         try:
             conn.request(
                 "POST",
@@ -305,7 +318,7 @@ class CallStream:
         self, method: str, conn: http.client.HTTPConnection, response: http.client.HTTPResponse
     ) -> None:
         self.method = method
-        self._conn = conn
+        self._conn: http.client.HTTPConnection | None = conn
         self._response = response
         self._done = False
         self._result: Any = None
@@ -333,6 +346,7 @@ class CallStream:
                 yield item["event"]
             else:
                 self._finish(item)
+                self._read(self._response.read)  # the end of the body: the connection is free
                 return
         raise NodeError(f"the daemon ended {self.method} without a result")
 
@@ -350,8 +364,15 @@ class CallStream:
         self._done = True
 
     def close(self) -> None:
-        """Close the connection (a streaming method still running in the daemon is cancelled)."""
-        self._conn.close()
+        """Close the connection (a streaming method still running in the daemon is cancelled);
+        once the whole answer was read, keep it for the next call instead."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._done and self._response.isclosed() and not self._response.will_close:
+            _KEPT.put(conn)
+        else:
+            conn.close()
 
     def __enter__(self) -> CallStream:
         return self
@@ -363,6 +384,72 @@ class CallStream:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class _KeptConnections:
+    """Idle connections to the local API, shared by the threads of this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[tuple[http.client.HTTPConnection, float]] = []
+        self._pid = os.getpid()
+
+    def take(self, port: int, timeout: float | None) -> http.client.HTTPConnection:
+        """An idle connection to ``port`` that the daemon still holds open, else a new one."""
+        found = None
+        stale = []
+        with self._lock:
+            self._forget_if_forked()
+            now = time.monotonic()
+            for i in range(len(self._idle) - 1, -1, -1):  # the most recently used first
+                conn, idle_since = self._idle[i]
+                if conn.port != port:
+                    continue
+                del self._idle[i]
+                if now - idle_since < REUSE_SECONDS and _still_open(conn):
+                    found = conn
+                    break
+                stale.append(conn)
+        for conn in stale:
+            conn.close()
+        if found is None:
+            return http.client.HTTPConnection(API_HOST, port, timeout=timeout)
+        found.timeout = timeout
+        assert found.sock is not None
+        found.sock.settimeout(timeout)
+        return found
+
+    def put(self, conn: http.client.HTTPConnection) -> None:
+        """Keep a connection whose last answer was read to its end."""
+        dropped = None
+        with self._lock:
+            self._forget_if_forked()
+            self._idle.append((conn, time.monotonic()))
+            if len(self._idle) > KEPT_CONNECTIONS:
+                dropped, _ = self._idle.pop(0)
+        if dropped is not None:
+            dropped.close()
+
+    def _forget_if_forked(self) -> None:
+        """A forked child never shares its parent's connections (it closes its copies)."""
+        if self._pid != os.getpid():
+            for conn, _ in self._idle:
+                conn.close()
+            self._idle.clear()
+            self._pid = os.getpid()
+
+
+def _still_open(conn: http.client.HTTPConnection) -> bool:
+    """Whether an idle connection is still usable: nothing to read, where an end of file would
+    mean the daemon closed it (it restarted, or stopped)."""
+    if conn.sock is None:
+        return False
+    poller = select.poll()
+    poller.register(conn.sock, select.POLLIN)
+    return not poller.poll(0)
+
+
+_KEPT = _KeptConnections()
 
 
 def _read_json(method: str, data: bytes) -> dict[str, Any]:

@@ -309,6 +309,59 @@ async def test_a_client_that_goes_away_cancels_its_stream(home: Path) -> None:
 # -- connections -------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def connects(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The ports of the TCP connections clients open, in order."""
+    opened: list[int] = []
+    connect = http.client.HTTPConnection.connect
+
+    def counted(self: http.client.HTTPConnection) -> None:
+        opened.append(self.port)
+        connect(self)
+
+    monkeypatch.setattr(http.client.HTTPConnection, "connect", counted)
+    return opened
+
+
+async def test_calls_and_streams_read_to_their_end_share_one_kept_alive_connection(
+    home: Path, connects: list[int]
+) -> None:
+    def calls() -> list[Any]:
+        answers = [client(home).call("echo", text="a")]
+        with client(home).stream("progress", steps=2) as events:
+            answers.append([*events, events.result])
+        with pytest.raises(NotFound):
+            client(home).call("fail", kind="not-found")
+        answers.append(client(home).call("progress", steps=1))
+        return answers
+
+    async with running_api(home, FakeControl()) as port:
+        assert await in_thread(calls) == [
+            {"text": "a"},
+            [{"step": 0}, {"step": 1}, {"done": 2}],
+            {"done": 1},
+        ]
+    # The error answer closed its connection (errors are rare): one more for the call after it.
+    assert connects == [port, port]
+
+
+async def test_a_stream_left_early_is_cancelled_and_its_connection_never_reused(
+    home: Path, connects: list[int]
+) -> None:
+    control = FakeControl()
+
+    def first_event_then_close() -> dict[str, Any]:
+        with client(home).stream("endless") as events:
+            return next(iter(events))
+
+    async with running_api(home, control) as port:
+        assert await in_thread(first_event_then_close) == {"step": 0}
+        with trio.fail_after(30):  # a guard against hanging, not a wait
+            await control.stream_closed.wait()
+        assert await in_thread(client(home).call, "echo", text="b") == {"text": "b"}
+    assert connects == [port, port]
+
+
 async def test_the_daemon_closes_a_connection_left_idle_after_its_answer(
     home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -329,6 +382,22 @@ async def test_the_daemon_closes_a_connection_left_idle_after_its_answer(
     async with running_api(home, FakeControl()) as port:
         for path, body in (("/api/echo", b'{"text": "x"}'), ("/api/progress", b'{"steps": 1}')):
             assert await in_thread(call_then_wait_for_the_close, port, path, body) == b""
+
+
+async def test_a_daemon_restarted_on_the_same_port_is_called_on_a_new_connection(
+    home: Path, connects: list[int]
+) -> None:
+    async with running_api(home, FakeControl()) as port:
+        assert await in_thread(client(home).call, "echo", text="x") == {"text": "x"}
+    token = ensure_client_auth(home)
+    methods = methods_of(FakeControl())
+    async with trio.open_nursery() as nursery:
+        again = functools.partial(serve_api, methods, node_id=NODE_ID, token=token, port=port)
+        assert await nursery.start(again) == port
+        # The kept connection was closed by the daemon that stopped: it is not used.
+        assert await in_thread(client(home).call, "echo", text="y") == {"text": "y"}
+        nursery.cancel_scope.cancel()
+    assert connects == [port, port]
 
 
 # -- finding the daemon, and stopping it --------------------------------------------------------
