@@ -16,9 +16,12 @@ worker or are handed back, so requesters ask another provider; an action the wor
 ends in an error saying its outcome is unknown (it may have run: it never runs twice).
 
 Requesting. ``request`` checks the arguments, answers a pure calculation cached here at once,
-and otherwise runs the request in the background: ask the channel whether any member holds the
-result (``TaskLookup``; fetch it with the chunk exchange), else ask the provider that rendezvous
-hashing ranks first among those that announced the function, and follow its lease. A provider
+and otherwise runs the request in the background: ask the members likely to hold the result
+whether they do (``TaskLookup``; fetch it with the chunk exchange), else ask the provider that
+rendezvous hashing ranks first among those that announced the function, and follow its lease.
+The likely holders are the other providers of the function, which computed its results; the
+first-ranked one answers from its own cache when asked to run the task, and when no provider is
+online every member is asked, since one of them may have fetched the result earlier. A provider
 that refuses, hands the task back, goes silent for a lease or loses its session is given up on
 until it changes (reconnects, or its workers change), and the next is asked; an action sticks to
 the provider that may hold it. A finished result file is fetched into this node's store and its
@@ -160,6 +163,9 @@ class _Attempt:
     result_data: bytes | None = None
     maybe_delivered: bool = False
     """The request may have reached the provider (an action may be held there)."""
+    from_cache: bool = False
+    """A pure calculation finished in the provider's first answer: it held the result, and
+    nothing ran."""
 
 
 @dataclass(slots=True)
@@ -279,6 +285,8 @@ class _Stats:
     requests: int = 0
     cache_hits: int = 0
     lookup_hits: int = 0
+    provider_cache_hits: int = 0
+    """Pure calculations answered from the cache of the provider asked to run them."""
     computed: int = 0
     fallbacks: int = 0
     errors: int = 0
@@ -1264,6 +1272,8 @@ class TaskService:
             return f"no answer: {exc}"
         if req.attempt is not attempt:
             return "superseded"
+        if spec.task_type is TaskType.PURE and update.status is TaskStatus.FINISHED:
+            attempt.from_cache = True
         if attempt.lease is None:
             self._apply_update(chosen.node_id, update, lease_ms)
         else:  # a status batch overtook the reply: it is the newer news
@@ -1347,8 +1357,13 @@ class TaskService:
                 finished_at=time.time(),
             )
             await self._save_result(record)
-        self.stats.computed += 1
-        req.finish(uri, kind, provider=provider)
+        if attempt.from_cache:
+            self.stats.provider_cache_hits += 1
+            note = f"cached by its provider {provider[:16]}..."
+            req.finish(uri, kind, provider=provider, cached=True, note=note)
+        else:
+            self.stats.computed += 1
+            req.finish(uri, kind, provider=provider)
         return None
 
     async def _fetch_result(self, uri: str, size: int | None, data: bytes | None) -> None:
@@ -1374,15 +1389,34 @@ class TaskService:
             await self._files.download(target)
         self.stats.results_fetched += 1
 
-    async def _lookup(self, req: _Request) -> bool:
-        """Ask every connected member whether it holds the result; fetch the first found."""
+    def _likely_holders(self, req: _Request) -> list[tuple[PeerConnection, str]]:
+        """The members to ask for a cached result, each with the channel to ask in.
+
+        The providers of the function computed its results: they are asked, except the one the
+        request goes to next, which answers from its own cache when asked to run it. When no
+        provider is online, every member is asked: one may hold a result it fetched earlier.
+        """
         spec = req.spec
-        me = self.node.node_id
+        candidates = self._candidates(spec.function_id, req.channels)
         asked: list[tuple[PeerConnection, str]] = []
+        if candidates:
+            first = choose_provider(spec.route_key, candidates, {})
+            for candidate in candidates:
+                conn = self.node.connections.get(candidate.node_id)
+                if conn is not None and candidate is not first:
+                    asked.append((conn, candidate.channel))
+            return asked
         for conn in list(self.node.connections.values()):
             shared = [c for c in req.channels if c in conn.channels]
             if shared:
                 asked.append((conn, shared[0]))
+        return asked
+
+    async def _lookup(self, req: _Request) -> bool:
+        """Ask the likely holders whether they hold the result; fetch the first found."""
+        spec = req.spec
+        me = self.node.node_id
+        asked = self._likely_holders(req)
         if not asked:
             return False
         found: list[tuple[str, TaskLookupResponse]] = []
@@ -1578,6 +1612,7 @@ class TaskService:
             "activeRequests": active,
             "cacheHits": self.stats.cache_hits,
             "lookupHits": self.stats.lookup_hits,
+            "providerCacheHits": self.stats.provider_cache_hits,
             "computed": self.stats.computed,
             "fallbacks": self.stats.fallbacks,
             "errors": self.stats.errors,

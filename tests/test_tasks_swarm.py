@@ -247,6 +247,62 @@ async def test_a_small_result_travels_inline_and_a_large_one_is_fetched(tmp_path
         assert (stats["lookupHits"], stats["resultsInline"], stats["resultsFetched"]) == (2, 1, 1)
 
 
+async def test_with_providers_online_only_they_are_asked_and_the_first_answers_from_its_cache(
+    tmp_path: Path,
+) -> None:
+    async with swarm(tmp_path) as s:
+        p1, p2, requester, third = await channel_of(s, ["p1", "p2", "requester", "third"])
+        workers = [
+            await start_worker(s.nursery, p, {"add.v1": ("pure-calculation", add)})
+            for p in (p1, p2)
+        ]
+        for node in (requester, third):
+            for p in (p1, p2):
+                await announced(node, p, "add.v1")
+        first = await request(requester, "add.v1", {"a": 1, "b": 2})
+        assert not first.cached
+
+        # The requester holds the result too, but only the providers are asked: the other one
+        # by a lookup (it has no result), the first-ranked one by the request itself.
+        again = await request(third, "add.v1", {"a": 1, "b": 2})
+        assert again.cached
+        assert again.provider == first.provider
+        assert result_of(third, again) == b"3"
+        assert sum(w.runs["add.v1"] for w in workers) == 1
+        stats = tasks_of(third).statistics()
+        assert (stats["providerCacheHits"], stats["lookupHits"], stats["computed"]) == (1, 0, 0)
+        assert tasks_of(requester).statistics()["lookupsAnswered"] == 0
+
+
+async def test_a_result_held_by_a_provider_ranked_lower_is_found_and_not_run_again(
+    tmp_path: Path,
+) -> None:
+    async with swarm(tmp_path) as s:
+        p1, p2, requester, third = await channel_of(s, ["p1", "p2", "requester", "third"])
+        ranked = [p1.node_id, p2.node_id]
+        a = next(
+            a
+            for a in range(100)
+            if rank_providers(spec_of("add.v1", {"a": a, "b": 1}).route_key, ranked)[0]
+            == p1.node_id
+        )
+        late = await start_worker(s.nursery, p2, {"add.v1": ("pure-calculation", add)})
+        await announced(requester, p2, "add.v1")
+        first = await request(requester, "add.v1", {"a": a, "b": 1})
+        assert first.provider == p2.node_id  # the only provider then
+
+        # p1 now serves it too, and ranks first for these arguments: p2 is asked for its result.
+        early = await start_worker(s.nursery, p1, {"add.v1": ("pure-calculation", add)})
+        for p in (p1, p2):
+            await announced(third, p, "add.v1")
+        found = await request(third, "add.v1", {"a": a, "b": 1})
+        assert found.cached
+        assert found.provider == p2.node_id
+        assert result_of(third, found) == str(a + 1).encode()
+        assert (early.runs["add.v1"], late.runs["add.v1"]) == (0, 1)
+        assert tasks_of(third).statistics()["lookupHits"] == 1
+
+
 async def test_ten_concurrent_requests_from_three_members_run_once_with_two_providers(
     tmp_path: Path,
 ) -> None:
