@@ -552,6 +552,9 @@ class TaskService:
 
     async def _save_result(self, record: TaskResult) -> None:
         await self.node.run_sync(self.store.save_result, record)
+        self._note_held(record)
+
+    def _note_held(self, record: TaskResult) -> None:
         if self._held_keys is not None:
             self._held_keys.add((record.task_id, record.kwargs_digest, record.task_type))
 
@@ -1339,13 +1342,6 @@ class TaskService:
             return "it finished without a result"
         if provider != self.node.node_id:
             req.note = "fetching the result"
-            try:
-                await self._fetch_result(uri, attempt.result_size, attempt.result_data)
-            except NotPermitted as exc:
-                req.fail(f"cannot fetch the result: {exc}")
-                return None
-            except KacheryError as exc:
-                return f"its result could not be fetched: {exc}"
             record = TaskResult(
                 task_id=spec.task_id,
                 kwargs_digest=spec.kwargs_digest,
@@ -1356,7 +1352,13 @@ class TaskService:
                 source=provider,
                 finished_at=time.time(),
             )
-            await self._save_result(record)
+            try:
+                await self._fetch_result(record, attempt.result_size, attempt.result_data)
+            except NotPermitted as exc:
+                req.fail(f"cannot fetch the result: {exc}")
+                return None
+            except KacheryError as exc:
+                return f"its result could not be fetched: {exc}"
         if attempt.from_cache:
             self.stats.provider_cache_hits += 1
             note = f"cached by its provider {provider[:16]}..."
@@ -1366,19 +1368,20 @@ class TaskService:
             req.finish(uri, kind, provider=provider)
         return None
 
-    async def _fetch_result(self, uri: str, size: int | None, data: bytes | None) -> None:
-        """Bring a result file into this node's store.
+    async def _fetch_result(self, record: TaskResult, size: int | None, data: bytes | None) -> None:
+        """Bring a result file into this node's store, and keep its record.
 
         A small result came inline (``data``, already checked against the URI when its message
-        was decoded): it is stored at once. A result of one piece is fetched as the chunk that
-        is the whole file: one verified range from one holder. A larger one takes the
-        resumable, multi-source download of the chunk exchange.
+        was decoded): it is stored, and its record kept, in one call to a database thread. A
+        result of one piece is fetched as the chunk that is the whole file: one verified range
+        from one holder. A larger one takes the resumable, multi-source download of the chunk
+        exchange.
         """
-        parsed = parse_file_uri(uri)
+        parsed = parse_file_uri(record.result_uri)
         if data is not None:
-            entry = await self.node.run_sync(self.node.home.files.store_bytes, data)
-            if entry.sha1 != parsed.sha1:  # the decoder checked; this only guards a bug
-                raise Unavailable(f"the inline result of {uri} does not match its hash")
+            if not await self.node.run_sync(self._store_inline, parsed.sha1, data, record):
+                raise Unavailable(f"the inline result of {parsed} does not match its hash")
+            self._note_held(record)
             self.stats.results_inline += 1
             return
         target = parsed
@@ -1387,7 +1390,15 @@ class TaskService:
             target = FileURI(sha1=parsed.sha1, chunk_of=whole)
         async with self._fetches:
             await self._files.download(target)
+        await self._save_result(record)
         self.stats.results_fetched += 1
+
+    def _store_inline(self, sha1: str, data: bytes, record: TaskResult) -> bool:
+        entry = self.node.home.files.store_bytes(data)
+        if entry.sha1 != sha1:  # the decoder checked; this only guards a bug
+            return False
+        self.store.save_result(record)
+        return True
 
     def _likely_holders(self, req: _Request) -> list[tuple[PeerConnection, str]]:
         """The members to ask for a cached result, each with the channel to ask in.
@@ -1445,11 +1456,6 @@ class TaskService:
         for holder, reply in found:
             if reply.result_uri is None or reply.result_kind is None:
                 continue
-            try:
-                await self._fetch_result(reply.result_uri, reply.result_size, reply.result_data)
-            except KacheryError as exc:
-                log.debug("cached result of %s not fetched: %s", spec.task_id, exc)
-                continue
             record = TaskResult(
                 task_id=spec.task_id,
                 kwargs_digest=spec.kwargs_digest,
@@ -1460,7 +1466,11 @@ class TaskService:
                 source=holder,
                 finished_at=(reply.finished_at or 0) / 1000 or time.time(),
             )
-            await self._save_result(record)
+            try:
+                await self._fetch_result(record, reply.result_size, reply.result_data)
+            except KacheryError as exc:
+                log.debug("cached result of %s not fetched: %s", spec.task_id, exc)
+                continue
             self.stats.lookup_hits += 1
             req.finish(
                 reply.result_uri,
