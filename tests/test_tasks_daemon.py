@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 
 import kachery.node as kn
-from kachery.node.home import HOME_ENV
+from kachery.node.home import HOME_ENV, NodeHome
+from kachery.node.tasks_client import load_result
 from kachery.node.testing import CommandFailed, Daemon
 from kachery.protocol.errors import InvalidInput
+from kachery.storage.errors import NotFound
 
 WAIT = 60.0
 """Seconds a test waits for a worker's line: a safety net, never a pacing device."""
@@ -239,3 +241,22 @@ def test_the_command_line_and_an_action_that_appends_to_a_feed(
         assert messages == ['0\t{"text": "probe B in CA1"}', '1\t{"text": "probe B in CA1"}']
     finally:
         worker.kill()
+
+
+def test_a_result_is_loaded_from_its_blob_or_through_the_index_and_its_loss_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home, _ = NodeHome.init(tmp_path / "home")
+    monkeypatch.setenv(HOME_ENV, str(home.path))
+    files = NodeHome.shared().files
+    stored = files.store_bytes(b'{"a":[1,2]}')
+    assert load_result(str(stored.uri()), "json") == {"a": [1, 2]}
+    assert load_result(str(stored.uri()), "bytes") == b'{"a":[1,2]}'
+    assert load_result(str(stored.uri("out.json")), "file") == str(stored.uri("out.json"))
+    source = tmp_path / "linked.json"
+    source.write_text('"linked"')
+    linked = files.store_path(source, link=True)  # no blob: found through the index
+    assert load_result(str(linked.uri()), "json") == "linked"
+    files.remove(stored.sha1)
+    with pytest.raises(NotFound, match="no longer in this node's store"):
+        load_result(str(stored.uri()), "json")
