@@ -8,21 +8,27 @@ Tasks: ``taskfunction``, ``run_task_backend``, ``request_task`` (a ``TaskHandle`
 node through ``$KACHERY_NODE_HOME``.
 """
 
-from .feeds_client import Feed, Subfeed, create_feed, get_feed_id, load_feed, load_subfeed
-from .files_client import (
-    load_bytes,
-    load_file,
-    load_json,
-    load_npy,
-    load_text,
-    store_bytes,
-    store_file,
-    store_json,
-    store_npy,
-    store_text,
-)
-from .mutables_client import get, set
-from .tasks_client import TaskFailed, TaskHandle, request_task, run_task_backend, taskfunction
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .feeds_client import Feed, Subfeed, create_feed, get_feed_id, load_feed, load_subfeed
+    from .files_client import (
+        load_bytes,
+        load_file,
+        load_json,
+        load_npy,
+        load_text,
+        store_bytes,
+        store_file,
+        store_json,
+        store_npy,
+        store_text,
+    )
+    from .mutables_client import get, set
+    from .tasks_client import TaskFailed, TaskHandle, request_task, run_task_backend, taskfunction
 
 __all__ = [
     "Feed",
@@ -49,3 +55,40 @@ __all__ = [
     "store_text",
     "taskfunction",
 ]
+
+_HOMES = {
+    "Feed": ".feeds_client",
+    "Subfeed": ".feeds_client",
+    "TaskFailed": ".tasks_client",
+    "TaskHandle": ".tasks_client",
+    "create_feed": ".feeds_client",
+    "get": ".mutables_client",
+    "get_feed_id": ".feeds_client",
+    "load_bytes": ".files_client",
+    "load_feed": ".feeds_client",
+    "load_file": ".files_client",
+    "load_json": ".files_client",
+    "load_npy": ".files_client",
+    "load_subfeed": ".feeds_client",
+    "load_text": ".files_client",
+    "request_task": ".tasks_client",
+    "run_task_backend": ".tasks_client",
+    "set": ".mutables_client",
+    "store_bytes": ".files_client",
+    "store_file": ".files_client",
+    "store_json": ".files_client",
+    "store_npy": ".files_client",
+    "store_text": ".files_client",
+    "taskfunction": ".tasks_client",
+}
+"""Where each name lives: imported on first use, so the command line, which imports
+kachery.node's modules, starts without loading every client."""
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value
+    return value

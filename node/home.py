@@ -19,16 +19,19 @@ import os
 import stat
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kachery.protocol.identity import SEED_BYTES, KeyPair
-from kachery.storage.blobstore import BlobStore
-from kachery.storage.channels import Channels
-from kachery.storage.db import Database, sqlite_url
-from kachery.storage.downloads import Downloads
-from kachery.storage.files import LocalFiles
-from kachery.storage.mutables import Mutables
 
 from .errors import NodeError, NotInitialized
+
+if TYPE_CHECKING:  # imported where first used: the command line starts without SQLAlchemy
+    from kachery.storage.blobstore import BlobStore
+    from kachery.storage.channels import Channels
+    from kachery.storage.db import Database
+    from kachery.storage.downloads import Downloads
+    from kachery.storage.files import LocalFiles
+    from kachery.storage.mutables import Mutables
 
 log = logging.getLogger(__name__)
 
@@ -116,23 +119,40 @@ class NodeHome:
 
     @cached_property
     def database(self) -> Database:
+        from kachery.storage.db import Database, sqlite_url
+
         url = os.environ.get(DATABASE_URL_ENV) or sqlite_url(self.path / "kachery.db")
         return Database(url)
 
     @cached_property
+    def blobs(self) -> BlobStore:
+        """The blob store alone (no database: reading a stored blob needs only its path)."""
+        from kachery.storage.blobstore import BlobStore
+
+        return BlobStore(self.path / "store")
+
+    @cached_property
     def files(self) -> LocalFiles:
-        return LocalFiles(self.database, BlobStore(self.path / "store"))
+        from kachery.storage.files import LocalFiles
+
+        return LocalFiles(self.database, self.blobs)
 
     @cached_property
     def mutables(self) -> Mutables:
+        from kachery.storage.mutables import Mutables
+
         return Mutables(self.database)
 
     @cached_property
     def downloads(self) -> Downloads:
+        from kachery.storage.downloads import Downloads
+
         return Downloads(self.database, self.path / "store")
 
     @cached_property
     def channels(self) -> Channels:
+        from kachery.storage.channels import Channels
+
         return Channels(self.database)
 
     def _key_path(self, kind: str, key_id: str) -> Path:

@@ -3,20 +3,26 @@
 Never imports trio or kachery.node; node/ calls in here from worker threads.
 """
 
-from .blobstore import BlobStore
-from .db import Database, sqlite_url
-from .errors import (
-    AlreadyExists,
-    CorruptData,
-    DatabaseError,
-    NotFound,
-    SourceChanged,
-    SourceUnreadable,
-    StorageError,
-    StoreFull,
-)
-from .files import FileEntry, FileStats, LocalFiles, VerifyProblem
-from .mutables import Mutables
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .blobstore import BlobStore
+    from .db import Database, sqlite_url
+    from .errors import (
+        AlreadyExists,
+        CorruptData,
+        DatabaseError,
+        NotFound,
+        SourceChanged,
+        SourceUnreadable,
+        StorageError,
+        StoreFull,
+    )
+    from .files import FileEntry, FileStats, LocalFiles, VerifyProblem
+    from .mutables import Mutables
 
 __all__ = [
     "AlreadyExists",
@@ -36,3 +42,33 @@ __all__ = [
     "VerifyProblem",
     "sqlite_url",
 ]
+
+_HOMES = {
+    "AlreadyExists": ".errors",
+    "BlobStore": ".blobstore",
+    "CorruptData": ".errors",
+    "Database": ".db",
+    "DatabaseError": ".errors",
+    "FileEntry": ".files",
+    "FileStats": ".files",
+    "LocalFiles": ".files",
+    "Mutables": ".mutables",
+    "NotFound": ".errors",
+    "SourceChanged": ".errors",
+    "SourceUnreadable": ".errors",
+    "StorageError": ".errors",
+    "StoreFull": ".errors",
+    "VerifyProblem": ".files",
+    "sqlite_url": ".db",
+}
+"""Where each name lives: imported on first use, so ``kachery.storage.errors`` (and the
+command line) need not load SQLAlchemy."""
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value
+    return value
