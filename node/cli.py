@@ -361,7 +361,16 @@ def cmd_store(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_load(args: argparse.Namespace, out: TextIO) -> int:
     home = NodeHome.open()
     uri = parse_file_uri(args.uri)
-    located = home.files.locate(uri) or _fetch(uri, args.from_node, args.json, out)
+    located = _stored_blob(home, uri)
+    if located is None and uri.chunk_of is not None:
+        located = home.files.locate(uri)  # a chunk is read from its whole file, if that is here
+    if located is None:
+        try:  # the daemon answers at once for what this node links, and fetches the rest
+            located = _fetch(uri, args.from_node, args.json, out)
+        except DaemonNotRunning:
+            located = home.files.locate(uri)
+            if located is None:
+                raise _no_daemon_to_fetch(uri) from None
     path, lo, hi = located
     if args.output is None:
         if (lo, hi) != (0, path.stat().st_size):
@@ -431,28 +440,47 @@ def cmd_cat(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _stored_blob(home: NodeHome, uri: FileURI) -> tuple[Path, int, int] | None:
+    """A whole file's blob, found by its path alone: no database, so no SQLAlchemy to load.
+
+    Only verified bytes are ever renamed into the blob store, so a blob there is the file.
+    """
+    if uri.chunk_of is not None:
+        return None
+    path = home.blobs.blob_path(uri.sha1)
+    try:
+        return path, 0, path.stat().st_size
+    except OSError:
+        return None
+
+
+def _no_daemon_to_fetch(uri: FileURI) -> NotFound:
+    return NotFound(
+        f"{uri} is not stored on this node, and no daemon is running to fetch it from a"
+        " channel: start one with 'kachery-node start'"
+    )
+
+
 @contextmanager
 def _fetching(uri: FileURI) -> Iterator[DaemonClient]:
     """A daemon client for fetching ``uri``, with the error a user needs if none runs."""
     try:
         yield _daemon()
     except DaemonNotRunning:
-        raise NotFound(
-            f"{uri} is not stored on this node, and no daemon is running to fetch it from a"
-            " channel: start one with 'kachery-node start'"
-        ) from None
+        raise _no_daemon_to_fetch(uri) from None
 
 
 def _fetch(
     uri: FileURI, from_node: str | None, as_json: bool, out: TextIO
 ) -> tuple[Path, int, int]:
-    """Fetch a file (or chunk) through the daemon, showing progress; where it landed."""
+    """Fetch a file (or chunk) through the daemon, showing progress; where it landed.
+
+    Raises:
+        DaemonNotRunning: no daemon runs for this home.
+    """
     label = f"loading {uri.label or uri.sha1[:12]}"
     bar = ProgressBar(label, None, enabled=None if not as_json else False)
-    with (
-        _fetching(uri) as client,
-        client.stream("file_load", uri=str(uri), from_node=from_node) as stream,
-    ):
+    with _daemon().stream("file_load", uri=str(uri), from_node=from_node) as stream:
         for event in stream:
             if as_json:
                 print(json.dumps({"event": "progress", **event}), file=out, flush=True)

@@ -194,3 +194,27 @@ def test_kill_9_while_storing_1_gib_leaves_no_partial_blob_and_no_row(
     assert list(tmp_dir.iterdir()) == []
     assert uri.startswith("sha1://")
     assert json.loads(kn(khome, "info", "--json").stdout)["files"] == 2  # file + manifest
+
+
+def test_load_without_a_daemon_finds_stored_blobs_and_linked_files(
+    khome: Path, tmp_path: Path
+) -> None:
+    """A stored blob is found by its path alone; a linked file through the index (no daemon
+    runs here to ask); an unknown file says no daemon runs to fetch it."""
+    stored, linked = tmp_path / "stored.bin", tmp_path / "linked.bin"
+    stored.write_bytes(b"stored " * 100)
+    linked.write_bytes(b"linked " * 100)
+    uri = kn(khome, "store", str(stored)).stdout.decode().strip()
+    assert Path(kn(khome, "load", uri).stdout.decode().strip()).read_bytes() == b"stored " * 100
+    uri = kn(khome, "store", "--link", str(linked)).stdout.decode().strip()
+    assert kn(khome, "load", uri).stdout.decode().strip() == str(linked)
+    missing = f"sha1://{hashlib.sha1(b'nowhere').hexdigest()}/x"
+    assert_one_line_error(kn(khome, "load", missing, check=False), "no daemon is running")
+
+
+def test_the_command_line_starts_without_loading_sqlalchemy_or_trio() -> None:
+    """Every command pays for what the command line imports: the database layer (SQLAlchemy,
+    ~150 ms) and the runtime load only where a command uses them."""
+    code = "import sys, kachery.node.cli; print(sorted({'sqlalchemy', 'trio'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, text=True)
+    assert out.stdout.strip() == "[]"
