@@ -10,8 +10,9 @@ node through ``$KACHERY_NODE_HOME``.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from kachery.protocol.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .feeds_client import Feed, Subfeed, create_feed, get_feed_id, load_feed, load_subfeed
@@ -85,10 +86,4 @@ _HOMES = {
 kachery.node's modules, starts without loading every client."""
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _HOMES)

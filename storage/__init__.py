@@ -5,8 +5,9 @@ Never imports trio or kachery.node; node/ calls in here from worker threads.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from kachery.protocol.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .blobstore import BlobStore
@@ -65,10 +66,4 @@ _HOMES = {
 command line) need not load SQLAlchemy."""
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _HOMES)
