@@ -55,20 +55,9 @@ def test_appends_are_read_back_in_order_and_give_the_head(store: FeedStore) -> N
     assert (record.subfeed_name, record.count) == ("entries", 5)
 
 
-def test_a_group_commit_stores_all_or_nothing(store: FeedStore) -> None:
-    store.add_feed(FEED, owned=True)
-    a = store.subfeed(FEED, SUB, create=True)
-    b = store.subfeed(FEED, "ef" * 20, create=True)
-    assert a is not None
-    assert b is not None
-    store.append_many([rows(a, 0, 3)])
-    with pytest.raises(DatabaseError, match="already stored"):
-        store.append_many([rows(b, 0, 2), rows(a, 2, 2)])  # message 2 of a exists
-    assert store.head(b).count == 0  # b's rows were rolled back with the failed group
-    assert store.head(a).count == 3
-
-
-def test_a_failed_group_commit_leaves_nothing_for_the_next_commit(store: FeedStore) -> None:
+def test_a_failed_group_commit_stores_nothing_and_leaves_nothing_for_the_next(
+    store: FeedStore,
+) -> None:
     store.add_feed(FEED, owned=True)
     a = store.subfeed(FEED, SUB, create=True)
     b = store.subfeed(FEED, "ef" * 20, create=True)
@@ -77,6 +66,8 @@ def test_a_failed_group_commit_leaves_nothing_for_the_next_commit(store: FeedSto
     store.append_many([rows(a, 0, 3)])
     with pytest.raises(DatabaseError, match="already stored"):
         store.append_many([rows(b, 0, 2), rows(a, 2, 2)])  # b's rows go in before the failure
+    assert store.head(b).count == 0  # b's rows were rolled back with the failed group
+    assert store.head(a).count == 3
     store.append_many([rows(a, 3, 1)])  # commits its own transaction, not the failed one's rows
     store.grant(FEED, SUB, "01" * 32)  # and SQLAlchemy writes on the same connection still work
     assert store.head(b).count == 0
