@@ -350,23 +350,18 @@ class FeedStore:
         """``append_many``'s transaction on the DBAPI connection under the write connection:
         the driver's implicit BEGIN, ``executemany`` of the compiled inserts, COMMIT (or
         ROLLBACK on any error, so the connection is never left inside a transaction)."""
-        if not self._writer_guard.acquire(blocking=wait):
-            raise WriteBusy("another feed write is in progress")
-        try:
-            raw = self._writer_dbapi(wait)
+        with self._writing(wait) as conn:
+            raw = conn.connection.driver_connection
+            assert isinstance(raw, sqlite3.Connection)
             try:
                 raw.executemany(self._insert_sql, rows)
                 if cp_rows:
                     raw.executemany(self._checkpoint_sql, cp_rows)
                 raw.commit()
-            except BaseException as exc:
+            except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     raw.rollback()
-                if isinstance(exc, sqlite3.Error):
-                    raise _translate(exc) from exc
                 raise
-        finally:
-            self._writer_guard.release()
 
     def add_checkpoints(self, sf: int, checkpoints: Sequence[Checkpoint]) -> None:
         """Store checkpoints (already checked against stored chain values); known ones are kept."""
@@ -563,41 +558,31 @@ class FeedStore:
     @contextmanager
     def _write(self, *, wait: bool = True) -> Iterator[Connection]:
         """The dedicated write connection inside a transaction (committed on success)."""
+        with self._writing(wait) as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def _writing(self, wait: bool) -> Iterator[Connection]:
+        """The dedicated write connection, held by this thread alone, its busy timeout set for
+        ``wait``; database errors inside come out as ``DatabaseError``.
+
+        Raises:
+            WriteBusy: ``wait`` is False and another write holds it.
+        """
         if not self._writer_guard.acquire(blocking=wait):
             raise WriteBusy("another feed write is in progress")
         try:
             conn = self._writer_connection()
-            if self._sqlite:
-                self._set_busy_wait(conn, wait)
             try:
-                with conn.begin():
-                    yield conn
+                if self._sqlite and wait != self._writer_waits:
+                    conn.exec_driver_sql(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS if wait else 0}")
+                    conn.commit()
+                    self._writer_waits = wait
+                yield conn
             except (sqlite3.Error, SQLAlchemyError) as exc:
                 raise _translate(exc) from exc
         finally:
             self._writer_guard.release()
-
-    def _set_busy_wait(self, conn: Connection, wait: bool) -> None:
-        if wait != self._writer_waits:
-            timeout = BUSY_TIMEOUT_MS if wait else 0
-            conn.exec_driver_sql(f"PRAGMA busy_timeout={timeout}")
-            conn.commit()
-            self._writer_waits = wait
-
-    def _writer_dbapi(self, wait: bool) -> sqlite3.Connection:
-        """The sqlite3 connection of the write connection (its busy timeout set for ``wait``).
-
-        Raises:
-            DatabaseError: it cannot be opened.
-        """
-        conn = self._writer_connection()
-        try:
-            self._set_busy_wait(conn, wait)
-        except (sqlite3.Error, SQLAlchemyError) as exc:
-            raise _translate(exc) from exc
-        raw = conn.connection.driver_connection
-        assert isinstance(raw, sqlite3.Connection)
-        return raw
 
     def _writer_connection(self) -> Connection:
         if self._writer is None or self._writer.closed:
