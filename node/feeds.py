@@ -1263,7 +1263,12 @@ class FeedService:
         """Every message from ``start`` on, then each new one as it arrives (Trio-native)."""
         live = await self._load(ref, create=True)
         assert live is not None
-        position = start
+        async for record in self._follow(live, start):
+            yield record
+
+    async def _follow(self, live: LiveSubfeed, position: int) -> AsyncIterator[dict[str, Any]]:
+        """The messages of ``live`` from ``position`` on, then each new one as it is stored,
+        until the subfeed is deleted."""
         while not live.deleted:
             if position < live.head.count:
                 for body, signature in await self.read_items(live, position, READ_LIMIT):
@@ -1451,13 +1456,9 @@ class FeedService:
         ref, _ = self._uri(uri)
         live = await self._known(ref)
         position = live.head.count if start is None else max(0, start)
-        while not live.deleted:
-            if position < live.head.count:
-                for body, signature in await self.read_items(live, position, READ_LIMIT):
-                    yield _record(body, signature, signed=False)
-                    position += 1
-            else:
-                await live.wait_beyond(position)
+        async for record in self._follow(live, position):
+            position += 1
+            yield record
         yield StreamResult({"deleted": True, "position": position})
 
     @exposed
