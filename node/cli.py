@@ -361,7 +361,7 @@ def cmd_store(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_load(args: argparse.Namespace, out: TextIO) -> int:
     home = NodeHome.open()
     uri = parse_file_uri(args.uri)
-    located = _stored_blob(home, uri)
+    located = home.stored_blob(uri)
     if located is None and uri.chunk_of is not None:
         located = home.files.locate(uri)  # a chunk is read from its whole file, if that is here
     if located is None:
@@ -438,20 +438,6 @@ def cmd_cat(args: argparse.Namespace, out: TextIO) -> int:
             out.write(block.decode("utf-8", errors="replace"))
     out.flush()
     return 0
-
-
-def _stored_blob(home: NodeHome, uri: FileURI) -> tuple[Path, int, int] | None:
-    """A whole file's blob, found by its path alone: no database, so no SQLAlchemy to load.
-
-    Only verified bytes are ever renamed into the blob store, so a blob there is the file.
-    """
-    if uri.chunk_of is not None:
-        return None
-    path = home.blobs.blob_path(uri.sha1)
-    try:
-        return path, 0, path.stat().st_size
-    except OSError:
-        return None
 
 
 def _no_daemon_to_fetch(uri: FileURI) -> NotFound:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kachery.protocol.identity import SEED_BYTES, KeyPair
+from kachery.protocol.uri import FileURI
 
 from .errors import NodeError, NotInitialized
 
@@ -130,6 +131,20 @@ class NodeHome:
         from kachery.storage.blobstore import BlobStore
 
         return BlobStore(self.path / "store")
+
+    def stored_blob(self, uri: FileURI) -> tuple[Path, int, int] | None:
+        """Where a whole file's blob is, as ``LocalFiles.locate`` answers, found by its path
+        alone (no database, so no SQLAlchemy to load); None if it is not a blob here.
+
+        Only verified bytes are ever renamed into the blob store, so a blob there is the file.
+        """
+        if uri.chunk_of is not None:
+            return None
+        path = self.blobs.blob_path(uri.sha1)
+        try:
+            return path, 0, path.stat().st_size
+        except OSError:
+            return None
 
     @cached_property
     def files(self) -> LocalFiles:

@@ -458,30 +458,20 @@ class TaskHandle:
 
 def load_result(uri: str | None, kind: str | None) -> Any:
     """A finished request's value: its result file read from this node's store (a returned file
-    stays a URI).
-
-    A result stored as a blob is read straight from its content address (its bytes are the
-    result's by construction), with no database query; else the file is located through the
-    store's index.
-    """
+    stays a URI). A result stored as a blob is found by its path, with no database query."""
     if uri is None or kind is None:
         return None
     if kind == ResultKind.FILE:
         return uri
     parsed = parse_file_uri(uri)
-    files = NodeHome.shared().files
-    try:
-        data = files.blobs.blob_path(parsed.sha1).read_bytes() if parsed.chunk_of is None else None
-    except OSError:
-        data = None
-    if data is None:
-        located = files.locate(parsed)
-        if located is None:
-            raise NotFound(f"the result {uri} is no longer in this node's store")
-        path, start, end = located
-        with open(path, "rb") as f:
-            f.seek(start)
-            data = f.read(end - start)
+    home = NodeHome.shared()
+    located = home.stored_blob(parsed) or home.files.locate(parsed)
+    if located is None:
+        raise NotFound(f"the result {uri} is no longer in this node's store")
+    path, start, end = located
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
     return json.loads(data) if kind == ResultKind.JSON else data
 
 
