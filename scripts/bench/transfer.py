@@ -3,7 +3,10 @@
 Measured in one run, on the same bytes:
 - raw loopback TCP (one process sends, another receives and discards): the ceiling;
 - the reference a user would reach for: ``python -m http.server`` and ``curl -o``, then a
-  hashlib SHA-1 pass over the downloaded file (download, then verify);
+  hashlib SHA-1 pass over the downloaded file (download, then verify); and beside it, for
+  context only, the same followed by an fdatasync of the download: kachery-node's load waits
+  until the file's bytes are on disk before it lands in the store (pieces are fdatasync'ed as
+  they are recorded), curl never does, and this VM's disk writes at 0.3-1.2 GB/s;
 - ``kachery-node load URI`` on node B: from the command's start until the verified file is in
   B's store (encrypted session, every piece verified, whole-file SHA-1 checked);
 - multi-source: three providers each capped at R (``--max-upload-rate``); one downloader.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -58,7 +62,9 @@ def raw_tcp(path: Path) -> float:
     return elapsed
 
 
-def http_then_verify(path: Path, out: Path, expected: str) -> tuple[float, float]:
+def http_then_verify(path: Path, out: Path, expected: str) -> tuple[float, float, float]:
+    """Seconds to download with curl, to verify with hashlib, and then to fdatasync the file
+    (which curl never does, and kachery-node does before a downloaded file lands)."""
     server = subprocess.Popen(
         [
             sys.executable,
@@ -89,8 +95,15 @@ def http_then_verify(path: Path, out: Path, expected: str) -> tuple[float, float
                 h.update(block)
         verify = time.perf_counter() - start
         assert h.hexdigest() == expected
+        start = time.perf_counter()
+        fd = os.open(out, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        sync = time.perf_counter() - start
         out.unlink()
-        return download, verify
+        return download, verify, sync
     finally:
         server.terminate()
         server.wait()
@@ -155,12 +168,13 @@ def main() -> None:
         try:
             uri = a.cli("store", str(path)).strip()
             timed_load(b, uri, expected)  # warm-up: manifest fetched, page cache touched
-            tcp, http, verify, kachery = [], [], [], []
+            tcp, http, verify, sync, kachery = [], [], [], [], []
             for _ in range(args.repeat):  # interleaved, so noise hits every method alike
                 tcp.append(raw_tcp(path))
-                d, v = http_then_verify(path, base / "out.bin", expected)
+                d, v, f = http_then_verify(path, base / "out.bin", expected)
                 http.append(d)
                 verify.append(v)
+                sync.append(f)
                 kachery.append(timed_load(b, uri, expected))
         finally:
             for node in (a, b):
@@ -168,11 +182,13 @@ def main() -> None:
 
         size = args.size
         ref = [d + v for d, v in zip(http, verify, strict=True)]
+        durable = [r + f for r, f in zip(ref, sync, strict=True)]
         rows = [
             ("raw loopback TCP (sendfile -> recv)", tcp),
             ("http.server -> curl (download only)", http),
             ("hashlib SHA-1 of the download", verify),
             ("reference: curl download, then verify", ref),
+            ("  the same, then fdatasync (not the goal)", durable),
             ("kachery-node load (encrypted, verified)", kachery),
         ]
         print(f"\n{'what':42} {'GB/s':>6} {'median s':>9} {'min..max s':>14}")
