@@ -1,9 +1,10 @@
 """Feeds on disk: feeds, subfeeds, signed messages, checkpoints, fork evidence, grants, follows.
 
 Messages are stored exactly as signed (canonical CBOR body + signature) with the chain hash after
-each (see ``kachery.protocol.feeds``), keyed by a small subfeed number and the message number in
-a WITHOUT ROWID table, so a row costs its bytes and one b-tree entry. Only messages that have been
-verified are handed to this module; it never checks signatures itself.
+each (see ``kachery.protocol.feeds``), keyed by one integer made of a small subfeed number and the
+message number (``message_key``), which is SQLite's rowid: a row costs its bytes and one b-tree
+entry, and an append lands at the end of the table. Only messages that have been verified are
+handed to this module; it never checks signatures itself.
 
 **Writes.** Appends go through one dedicated connection (``append``), one transaction per batch,
 so a batch is stored whole or not at all, and an append that returned is durable (WAL with
@@ -11,9 +12,9 @@ so a batch is stored whole or not at all, and an append that returned is durable
 acknowledged row). On SQLite that transaction runs on the DBAPI connection under it: the driver's
 implicit BEGIN, ``executemany`` of the inserts compiled from the ``feed_messages`` and
 ``feed_checkpoints`` tables, COMMIT (ROLLBACK on any error, so the connection is never left in a
-transaction). Measured here, 24 us per one-row transaction (30 us with SQLAlchemy's
-``begin``/``commit`` around the same ``executemany``, 64 us through ``Connection.execute``) and
-4 us per row in batches of 100. Every other query is SQLAlchemy Core. ``append`` may be called
+transaction). Measured here, 20-26 us per one-row transaction (6-9 us more with SQLAlchemy's
+``begin``/``commit`` around the same ``executemany``, 40 us more through ``Connection.execute``)
+and 4-7 us per row in batches of 100. Every other query is SQLAlchemy Core. ``append`` may be called
 without waiting for the database lock (``wait=False``: it raises ``WriteBusy`` at once when
 another writer holds it), which lets the node run small appends inline on its event loop and fall
 back to a worker thread only under contention. That connection does not checkpoint the WAL by
@@ -41,9 +42,34 @@ from kachery.protocol.feeds import Checkpoint
 from . import schema
 from .db import BUSY_TIMEOUT_MS, Database
 from .errors import AlreadyExists, DatabaseError, NotFound
+from .schema import MESSAGE_NUMBER_BITS
 
 MAX_READ_MESSAGES = 10_000
 """Messages one ``read`` returns at most (callers page through longer ranges)."""
+
+
+_NUMBER_MASK = (1 << MESSAGE_NUMBER_BITS) - 1
+_MAX_SUBFEEDS = 1 << (63 - MESSAGE_NUMBER_BITS)
+
+
+def message_key(sf: int, n: int) -> int:
+    """The row key of message ``n`` of subfeed ``sf`` (``schema.feed_messages.c.msg_key``)."""
+    return sf << MESSAGE_NUMBER_BITS | n
+
+
+def _of_subfeed(key: Any, sf: Any) -> tuple[Any, Any]:
+    """SQL conditions: ``key`` is a message key of subfeed ``sf`` (a number or a column)."""
+    span = 1 << MESSAGE_NUMBER_BITS
+    return key >= sf * span, key < (sf + 1) * span
+
+
+def _check_key(sf: int, count: int) -> None:
+    """Messages ``0 .. count - 1`` of subfeed ``sf`` fit the row key."""
+    if not 0 <= sf < _MAX_SUBFEEDS or count > 1 << MESSAGE_NUMBER_BITS:
+        raise DatabaseError(
+            f"subfeed {sf} with {count} messages is beyond what the feed table keys"
+            f" (2**{MESSAGE_NUMBER_BITS} messages per subfeed)"
+        )
 
 
 class WriteBusy(DatabaseError):
@@ -194,6 +220,7 @@ class FeedStore:
         Raises:
             NotFound: no such feed here.
         """
+        msg = schema.feed_messages
         with self._write() as conn:
             sfs = [
                 r.sf
@@ -208,9 +235,7 @@ class FeedStore:
                 raise NotFound(f"no feed {feed_id} on this node")
             removed = 0
             for sf in sfs:
-                result = conn.execute(
-                    delete(schema.feed_messages).where(schema.feed_messages.c.sf == sf)
-                )
+                result = conn.execute(delete(msg).where(*_of_subfeed(msg.c.msg_key, sf)))
                 removed += result.rowcount or 0
                 conn.execute(
                     delete(schema.feed_checkpoints).where(schema.feed_checkpoints.c.sf == sf)
@@ -260,9 +285,9 @@ class FeedStore:
         """Subfeeds held here (of one feed, or all), with their counts."""
         sub, msg = schema.subfeeds, schema.feed_messages
         last = (
-            select(msg.c.n)
-            .where(msg.c.sf == sub.c.sf)
-            .order_by(msg.c.n.desc())
+            select(msg.c.msg_key)
+            .where(*_of_subfeed(msg.c.msg_key, sub.c.sf))
+            .order_by(msg.c.msg_key.desc())
             .limit(1)
             .scalar_subquery()
         )
@@ -277,7 +302,7 @@ class FeedStore:
                 feed_id=r.feed_id,
                 subfeed_hash=r.subfeed_hash,
                 subfeed_name=r.subfeed_name,
-                count=0 if r.last is None else int(r.last) + 1,
+                count=0 if r.last is None else (int(r.last) & _NUMBER_MASK) + 1,
             )
             for r in rows
         ]
@@ -287,15 +312,16 @@ class FeedStore:
         msg, cps = schema.feed_messages, schema.feed_checkpoints
         with self.db.begin() as conn:
             row = conn.execute(
-                select(msg.c.n, msg.c.signature, msg.c.chain)
-                .where(msg.c.sf == sf)
-                .order_by(msg.c.n.desc())
+                select(msg.c.msg_key, msg.c.signature, msg.c.chain)
+                .where(*_of_subfeed(msg.c.msg_key, sf))
+                .order_by(msg.c.msg_key.desc())
                 .limit(1)
             ).first()
             last_cp = conn.execute(select(func.max(cps.c["count"])).where(cps.c.sf == sf)).scalar()
         if row is None:
             return StoredHead(0, None, None, int(last_cp or 0))
-        return StoredHead(int(row.n) + 1, bytes(row.signature), bytes(row.chain), int(last_cp or 0))
+        count = (int(row.msg_key) & _NUMBER_MASK) + 1
+        return StoredHead(count, bytes(row.signature), bytes(row.chain), int(last_cp or 0))
 
     # -- messages ------------------------------------------------------------------------------
 
@@ -327,8 +353,10 @@ class FeedStore:
             DatabaseError: the write failed (nothing written), for example because one of the
                 messages is already stored.
         """
+        for g in groups:
+            _check_key(g.sf, g.start + len(g.bodies))
         rows = [
-            (g.sf, g.start + i, g.bodies[i], g.signatures[i], g.chains[i])
+            (message_key(g.sf, g.start + i), g.bodies[i], g.signatures[i], g.chains[i])
             for g in groups
             for i in range(len(g.bodies))
         ]
@@ -385,10 +413,13 @@ class FeedStore:
         most ``max_bytes`` of bodies and signatures, but always at least one)."""
         msg = schema.feed_messages
         limit = max(0, min(limit, MAX_READ_MESSAGES))
+        end = min(start + limit, 1 << MESSAGE_NUMBER_BITS)
+        if start >= end:
+            return []
         query = (
             select(msg.c.body, msg.c.signature)
-            .where(msg.c.sf == sf, msg.c.n >= start, msg.c.n < start + limit)
-            .order_by(msg.c.n)
+            .where(msg.c.msg_key >= message_key(sf, start), msg.c.msg_key < message_key(sf, end))
+            .order_by(msg.c.msg_key)
         )
         out: list[tuple[bytes, bytes]] = []
         size = 0
@@ -409,7 +440,11 @@ class FeedStore:
         """The chain hash after message ``n`` (``c(n + 1)``), or None if it is not held."""
         msg = schema.feed_messages
         with self.db.begin() as conn:
-            row = conn.execute(select(msg.c.chain).where(msg.c.sf == sf, msg.c.n == n)).first()
+            if not 0 <= n < 1 << MESSAGE_NUMBER_BITS:
+                return None
+            row = conn.execute(
+                select(msg.c.chain).where(msg.c.msg_key == message_key(sf, n))
+            ).first()
         return None if row is None else bytes(row.chain)
 
     def checkpoints(self, sf: int, after: int, upto: int) -> list[Checkpoint]:

@@ -8,8 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 
 from kachery.protocol.feeds import Checkpoint
+from kachery.storage import schema
 from kachery.storage.db import Database, sqlite_url
 from kachery.storage.errors import AlreadyExists, DatabaseError, NotFound
 from kachery.storage.feeds import FeedStore, Rows, WriteBusy
@@ -150,3 +152,51 @@ def test_grants_and_follows_can_be_taken_back(store: FeedStore) -> None:
     assert store.subscribe(FEED, SUB, "02" * 32)
     assert not store.subscribe(FEED, SUB, "02" * 32)
     assert store.unsubscribe(FEED, SUB) == 1
+
+
+def test_a_version_5_database_keeps_its_feed_messages_under_the_new_keys(tmp_path: Path) -> None:
+    """Schema 6 re-keys message rows by one integer: every stored message is still read back,
+    in order, in its own subfeed, and appends continue after it."""
+    path = tmp_path / "old.db"
+    engine = sqlalchemy.create_engine(sqlite_url(path))  # migrated only to version 5
+    with engine.begin() as conn:
+        schema.schema_version.create(conn)
+        for migrate in schema.MIGRATIONS[:5]:
+            migrate(conn)
+        conn.execute(schema.schema_version.insert().values(version=5))
+        conn.exec_driver_sql(
+            "INSERT INTO subfeeds (sf, feed_id, subfeed_hash, created_at) VALUES (1, ?, ?, 0),"
+            " (2, ?, ?, 0)",
+            (FEED, SUB, FEED, "ef" * 20),
+        )
+        old = [
+            (sf, n, b"b%d.%d" % (sf, n), bytes([n]) * 64, bytes([sf]) * 32)
+            for sf in (1, 2)
+            for n in range(3 * sf)
+        ]
+        conn.exec_driver_sql("INSERT INTO feed_messages VALUES (?, ?, ?, ?, ?)", old)
+    engine.dispose()
+
+    db = Database(sqlite_url(path))
+    store = FeedStore(db)
+    try:
+        assert store.read(1, 0, 10) == [(b"b1.%d" % n, bytes([n]) * 64) for n in range(3)]
+        assert store.read(2, 2, 10) == [(b"b2.%d" % n, bytes([n]) * 64) for n in range(2, 6)]
+        assert store.head(2).count == 6
+        assert store.chain_after(1, 2) == bytes([1]) * 32
+        assert [(r.sf, r.count) for r in store.subfeeds(FEED)] == [(1, 3), (2, 6)]
+        store.append_many([rows(1, 3, 2)])
+        assert [body for body, _ in store.read(1, 0, 10)][2:] == [b"b1.2", b"body3", b"body4"]
+        assert store.delete_feed(FEED) == 11
+    finally:
+        store.close()
+        db.close()
+
+
+def test_message_numbers_beyond_the_row_key_are_refused(store: FeedStore) -> None:
+    sf = store.subfeed(FEED, SUB, create=True)
+    assert sf is not None
+    with pytest.raises(DatabaseError, match="beyond what the feed table keys"):
+        store.append_many([rows(sf, (1 << 40) - 1, 2)])
+    assert store.read(sf, (1 << 40) - 1, 2) == []
+    assert store.head(sf).count == 0

@@ -89,7 +89,9 @@ def test_a_version_4_database_gains_the_task_tables(tmp_path: Path) -> None:
     engine.dispose()
     db = Database(url)
     with db.begin() as conn:
-        assert conn.execute(select(schema.schema_version.c.version)).scalar() == 5
+        assert (
+            conn.execute(select(schema.schema_version.c.version)).scalar() == schema.SCHEMA_VERSION
+        )
         tables = set(inspect(conn).get_table_names())
     assert {"task_results", "task_actions", "feeds"} <= tables
     TaskStore(db).save_result(result({"t": 1}, "sha1://" + "1" * 40))
