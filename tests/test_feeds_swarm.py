@@ -230,9 +230,10 @@ async def test_a_failed_append_stores_nothing_and_the_next_one_continues_the_cha
 async def test_the_wal_is_checkpointed_after_so_many_bytes_of_commits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A one-message commit counts ~9 KB (it rewrites whole pages); 200 messages count their bytes.
-    assert feeds_module.wal_bytes(1, 400) < 10_000 < 100_000 < feeds_module.wal_bytes(200, 80_000)
-    monkeypatch.setattr(feeds_module, "WAL_CHECKPOINT_BYTES", 50_000)
+    # A one-message commit counts ~5.6 KB (it rewrites a page); 200 messages count their bytes.
+    assert 5_000 < feeds_module.wal_bytes(1, 400) < 6_000
+    assert feeds_module.wal_bytes(200, 80_000) > 90_000
+    monkeypatch.setattr(feeds_module, "WAL_CHECKPOINT_BYTES", 30_000)
     async with swarm(tmp_path) as s:
         node = await s.start("lab")
         f = feeds(node)
@@ -252,7 +253,7 @@ async def test_the_wal_is_checkpointed_after_so_many_bytes_of_commits(
 
         monkeypatch.setattr(f.store, "checkpoint_wal", counted)
         monkeypatch.setattr(f, "_checkpoint_wal", observed)
-        for i in range(4):  # ~36 KB: not yet
+        for i in range(4):  # ~23 KB: not yet
             await f.append(ref, [i])
         assert not f._wal_checkpointing
         for i in range(4):
