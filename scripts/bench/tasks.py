@@ -60,6 +60,18 @@ def row(name: str, seconds: list[float]) -> None:
     print(f"{name:48} p50 {p50:7.2f} ms   p99 {p99:7.2f} ms   (n={len(seconds)})", flush=True)
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds a process has used so far (this one by default; Linux /proc,
+    else 0)."""
+    if pid is None:
+        return sum(os.times()[:2])
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def use(node: Daemon) -> None:
     os.environ[HOME_ENV] = str(node.home)
 
@@ -127,6 +139,13 @@ def main() -> None:
 
             use(requester)
             before = {p.node_id: p.json("status")["tasks"]["jobsRun"] for p in (p1, p2)}
+            roles: dict[str, list[int | None]] = {
+                "requester daemon": [requester.proc.pid if requester.proc else None],
+                "provider daemons": [p.proc.pid if p.proc else None for p in (p1, p2)],
+                "workers": [w.pid for w in workers],
+                "this client": [None],
+            }
+            cpu_start = {role: sum(map(cpu_seconds, pids)) for role, pids in roles.items()}
             start = time.perf_counter()
             with ThreadPoolExecutor(16) as pool:
                 handles = list(
@@ -137,11 +156,18 @@ def main() -> None:
                 )
                 values = list(pool.map(lambda h: h.wait(), handles))
             elapsed = time.perf_counter() - start
+            cpu = {r: sum(map(cpu_seconds, p)) - cpu_start[r] for r, p in roles.items()}
             assert values == [i + 1_000_000 for i in range(args.tasks)]
             runs = [p.json("status")["tasks"]["jobsRun"] - before[p.node_id] for p in (p1, p2)]
             print(
                 f"{args.tasks} distinct tasks, 2 providers: {elapsed:.2f} s"
                 f" ({args.tasks / elapsed:.0f} tasks/s; runs per provider {runs[0]} + {runs[1]})",
+                flush=True,
+            )
+            total = sum(cpu.values())
+            shares = ", ".join(f"{role} {seconds:.2f}" for role, seconds in cpu.items())
+            print(
+                f"  CPU {total:.2f} s ({total / args.tasks * 1000:.1f} ms per task): {shares}",
                 flush=True,
             )
             goal_cached = statistics.median(cached) * 1000
