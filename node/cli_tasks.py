@@ -161,7 +161,12 @@ def cmd_task_request(args: argparse.Namespace, out: TextIO) -> int:
         if args.json:
             print(json.dumps({"event": "done", **state}), file=out)
         raise TaskFailed(f"task {args.function_id} failed: {state['error']}")
-    value = load_result(state.get("resultUri"), state.get("resultKind"))
+    data = state.pop("resultData", None)  # the value's bytes, shown below as the value
+    value = load_result(state.get("resultUri"), state.get("resultKind"), data)
+    if data is not None and isinstance(value, bytes):
+        # Shown as its URI, which 'kachery-node load' reads from the store: the daemon keeps a
+        # small result in its database only, so it is stored here now.
+        NodeHome.open().files.store_bytes(value)
     if args.json:
         shown = value if state.get("resultKind") == "json" else state.get("resultUri")
         print(json.dumps({"event": "done", **state, "result": shown}), file=out)
@@ -176,6 +181,7 @@ def cmd_task_request(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_task_status(args: argparse.Namespace, out: TextIO) -> int:
     state = _daemon().call("task_status", task=args.id)
+    state.pop("resultData", None)  # a small result's bytes, for the Python client
     if args.json:
         print(json.dumps(state), file=out)
         return 0

@@ -24,10 +24,10 @@ first-ranked one answers from its own cache when asked to run the task, and when
 online every member is asked, since one of them may have fetched the result earlier. A provider
 that refuses, hands the task back, goes silent for a lease or loses its session is given up on
 until it changes (reconnects, or its workers change), and the next is asked; an action sticks to
-the provider that may hold it. A finished result file is fetched into this node's store and its
-record kept, so this node answers lookups from other members later, even when the provider is
-offline. A query that no provider answers within its timeout returns its last result, marked as a
-fallback.
+the provider that may hold it. A finished result is kept here with its record (a small one, which
+came inline, in the record itself; a larger file fetched into this node's store), so this node
+answers lookups from other members later, even when the provider is offline. A query that no
+provider answers within its timeout returns its last result, marked as a fallback.
 
 Non-goals: the wire format and the decisions (kachery.protocol.tasks), SQL
 (kachery.storage.tasks), running the functions (kachery.node.tasks_client, in the worker).
@@ -35,6 +35,7 @@ Non-goals: the wire format and the decisions (kachery.protocol.tasks), SQL
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import hashlib
@@ -44,7 +45,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -183,6 +184,9 @@ class _Request:
     error: str | None = None
     result_uri: str | None = None
     result_kind: ResultKind | None = None
+    result_data: bytes | None = None
+    """A small result's bytes (verified), handed to the client with the request's state so it
+    needs no store to read them; None for a result that is a file in the store."""
     cached: bool = False
     fallback: bool = False
     provider: str | None = None
@@ -226,6 +230,7 @@ class _Request:
         kind: ResultKind | None,
         *,
         provider: str | None,
+        data: bytes | None = None,
         cached: bool = False,
         fallback: bool = False,
         note: str = "",
@@ -234,6 +239,7 @@ class _Request:
             TaskStatus.FINISHED,
             result_uri=uri,
             result_kind=kind,
+            result_data=data,
             provider=provider,
             cached=cached,
             fallback=fallback,
@@ -243,7 +249,11 @@ class _Request:
     def fail(self, message: str) -> None:
         self.set(TaskStatus.ERROR, error=clip_error(message), note="")
 
-    def snapshot(self, names: dict[str, str], *, kwargs: bool = True) -> dict[str, Any]:
+    def snapshot(
+        self, names: dict[str, str], *, kwargs: bool = True, data: bool = False
+    ) -> dict[str, Any]:
+        """The state as the local API shows it; with ``data``, a small result's bytes too
+        (``resultData``, base64), so the client reads them from the answer."""
         spec = self.spec
         out: dict[str, Any] = {
             "requestId": spec.request_id,
@@ -267,6 +277,8 @@ class _Request:
         }
         if kwargs:
             out["kwargs"] = spec.kwargs
+        if data and self.result_data is not None and self.status is TaskStatus.FINISHED:
+            out["resultData"] = base64.b64encode(self.result_data).decode("ascii")
         return out
 
 
@@ -507,8 +519,9 @@ class TaskService:
     async def _held(
         self, task_id: str, kwargs_digest: str, task_type: str, *, inline: bool = False
     ) -> tuple[TaskResult, int, bytes | None] | None:
-        """The result recorded here, its file's size, and (with ``inline``, to send it) its bytes
-        if it is small enough to travel inline; None unless the file is still in the store."""
+        """The result recorded here, its size, and its bytes if its row keeps them (or, with
+        ``inline``, to send it, if its file is small enough to travel inline); None unless its
+        bytes are still here and still match its URI."""
         key = (task_id, kwargs_digest, str(task_type))
         if self._held_keys is not None and key not in self._held_keys:
             return None
@@ -524,6 +537,14 @@ class TaskService:
     ) -> tuple[TaskResult, int, bytes | None] | None:
         record = self.store.result(task_id, kwargs_digest, task_type)
         if record is None:
+            return None
+        data = record.result_data
+        if data is not None:
+            sha1 = parse_file_uri(record.result_uri).sha1
+            if len(data) <= INLINE_RESULT_BYTES and hashlib.sha1(data).hexdigest() == sha1:
+                return record, len(data), data
+            log.warning("the result %s kept in the database is corrupt; forgotten", sha1)
+            self.store.forget_result(task_id, kwargs_digest, task_type)
             return None
         found = self._read_result_file(record.result_uri, inline=inline)
         if found is None:  # removed from the store (verify --remove): forget the record too
@@ -867,6 +888,7 @@ class TaskService:
                     result_kind=str(kind),
                     source=self.node.node_id,
                     finished_at=time.time(),
+                    result_data=data,
                 )
                 await self._save_result(record)
         finally:
@@ -1073,12 +1095,13 @@ class TaskService:
         if spec.task_type is TaskType.PURE:
             held = await self._held(spec.task_id, spec.kwargs_digest, TaskType.PURE)
             if held is not None:
-                record = held[0]
+                record, _, data = held
                 self.stats.cache_hits += 1
                 req.finish(
                     record.result_uri,
                     ResultKind(record.result_kind),
                     provider=record.source,
+                    data=data,
                     cached=True,
                     note="cached on this node",
                 )
@@ -1121,12 +1144,13 @@ class TaskService:
         if req.spec.task_type is TaskType.QUERY:
             held = await self._held(req.spec.task_id, req.spec.kwargs_digest, TaskType.QUERY)
             if held is not None:
-                record = held[0]
+                record, _, data = held
                 self.stats.fallbacks += 1
                 req.finish(
                     record.result_uri,
                     ResultKind(record.result_kind),
                     provider=record.source,
+                    data=data,
                     cached=True,
                     fallback=True,
                     note=f"fallback to the last result ({detail})",
@@ -1340,6 +1364,7 @@ class TaskService:
         uri, kind = attempt.result_uri, attempt.result_kind
         if uri is None or kind is None:
             return "it finished without a result"
+        data = attempt.result_data
         if provider != self.node.node_id:
             req.note = "fetching the result"
             record = TaskResult(
@@ -1362,26 +1387,26 @@ class TaskService:
         if attempt.from_cache:
             self.stats.provider_cache_hits += 1
             note = f"cached by its provider {provider[:16]}..."
-            req.finish(uri, kind, provider=provider, cached=True, note=note)
+            req.finish(uri, kind, provider=provider, data=data, cached=True, note=note)
         else:
             self.stats.computed += 1
-            req.finish(uri, kind, provider=provider)
+            req.finish(uri, kind, provider=provider, data=data)
         return None
 
     async def _fetch_result(self, record: TaskResult, size: int | None, data: bytes | None) -> None:
-        """Bring a result file into this node's store, and keep its record.
+        """Bring a result here, and keep its record.
 
         A small result came inline (``data``, already checked against the URI when its message
-        was decoded): it is stored, and its record kept, in one call to a database thread. A
-        result of one piece is fetched as the chunk that is the whole file: one verified range
+        was decoded): its record keeps its bytes, in one transaction, with no file in the store.
+        A result of one piece is fetched as the chunk that is the whole file: one verified range
         from one holder. A larger one takes the resumable, multi-source download of the chunk
         exchange.
         """
         parsed = parse_file_uri(record.result_uri)
         if data is not None:
-            if not await self.node.run_sync(self._store_inline, parsed.sha1, data, record):
+            if hashlib.sha1(data).hexdigest() != parsed.sha1:  # the decoder checked: a bug guard
                 raise Unavailable(f"the inline result of {parsed} does not match its hash")
-            self._note_held(record)
+            await self._save_result(replace(record, result_data=data))
             self.stats.results_inline += 1
             return
         target = parsed
@@ -1392,13 +1417,6 @@ class TaskService:
             await self._files.download(target)
         await self._save_result(record)
         self.stats.results_fetched += 1
-
-    def _store_inline(self, sha1: str, data: bytes, record: TaskResult) -> bool:
-        entry = self.node.home.files.store_bytes(data)
-        if entry.sha1 != sha1:  # the decoder checked; this only guards a bug
-            return False
-        self.store.save_result(record)
-        return True
 
     def _likely_holders(self, req: _Request) -> list[tuple[PeerConnection, str]]:
         """The members to ask for a cached result, each with the channel to ask in.
@@ -1476,6 +1494,7 @@ class TaskService:
                 reply.result_uri,
                 ResultKind(reply.result_kind),
                 provider=holder if holder != me else None,
+                data=reply.result_data,
                 cached=True,
                 note=f"cached by member {holder[:16]}...",
             )
@@ -1516,7 +1535,7 @@ class TaskService:
             timeout_seconds=timeout_seconds,
             request_id=request_id,
         )
-        return req.snapshot(self._names())
+        return req.snapshot(self._names(), data=True)
 
     @exposed
     async def task_wait(
@@ -1538,7 +1557,7 @@ class TaskService:
             if req.terminal or trio.current_time() >= deadline:
                 break
             await req.wait_until(deadline)
-        yield StreamResult(req.snapshot(names))
+        yield StreamResult(req.snapshot(names, data=True))
 
     @exposed
     async def task_status(self, task: str) -> dict[str, Any]:
@@ -1546,7 +1565,7 @@ class TaskService:
         this node holds for a task ID."""
         req = self._find(task)
         if req is not None:
-            return req.snapshot(self._names())
+            return req.snapshot(self._names(), data=True)
         held = await self.node.run_sync(self.store.results_for, task)
         if held:
             newest = held[0]

@@ -32,6 +32,8 @@ for that) and killing a hung task (its request times out; restart the worker).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
 import os
@@ -448,7 +450,11 @@ class TaskHandle:
         if status is not TaskStatus.FINISHED:
             raise NodeError(f"task {self.function_id} is {status}, not finished: call wait()")
         if not self._loaded:
-            self._value = load_result(self._state.get("resultUri"), self._state.get("resultKind"))
+            self._value = load_result(
+                self._state.get("resultUri"),
+                self._state.get("resultKind"),
+                self._state.get("resultData"),
+            )
             self._loaded = True
         return self._value
 
@@ -456,23 +462,34 @@ class TaskHandle:
         return f"TaskHandle({self.function_id}, {self._state['status']}, {self.request_id})"
 
 
-def load_result(uri: str | None, kind: str | None) -> Any:
-    """A finished request's value: its result file read from this node's store (a returned file
-    stays a URI). A result stored as a blob is found by its path, with no database query."""
+def load_result(uri: str | None, kind: str | None, data: str | None = None) -> Any:
+    """A finished request's value (a returned file stays a URI): from ``data``, the bytes of a
+    small result as the daemon's answer carries them (base64), else from its file in this node's
+    store. A result stored as a blob is found by its path, with no database query.
+
+    Raises:
+        NotFound: the result file is no longer in the store.
+        NodeError: ``data`` does not match the URI's SHA-1 (never returned as the value).
+    """
     if uri is None or kind is None:
         return None
     if kind == ResultKind.FILE:
         return uri
     parsed = parse_file_uri(uri)
-    home = NodeHome.shared()
-    located = home.stored_blob(parsed) or home.files.locate(parsed)
-    if located is None:
-        raise NotFound(f"the result {uri} is no longer in this node's store")
-    path, start, end = located
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
-    return json.loads(data) if kind == ResultKind.JSON else data
+    if data is not None:
+        raw = base64.b64decode(data, validate=True)
+        if hashlib.sha1(raw).hexdigest() != parsed.sha1:
+            raise NodeError(f"the daemon's copy of the result {uri} does not match its hash")
+    else:
+        home = NodeHome.shared()
+        located = home.stored_blob(parsed) or home.files.locate(parsed)
+        if located is None:
+            raise NotFound(f"the result {uri} is no longer in this node's store")
+        path, start, end = located
+        with open(path, "rb") as f:
+            f.seek(start)
+            raw = f.read(end - start)
+    return json.loads(raw) if kind == ResultKind.JSON else raw
 
 
 __all__ = [

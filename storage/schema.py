@@ -26,6 +26,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 metadata = MetaData()
@@ -240,6 +241,22 @@ task_results = Table(
     # Where it came from: the provider that ran it, or the member whose cache held it.
     Column("source", String(64), nullable=False),
     Column("finished_at", Float, nullable=False),
+    # (schema version 7) A result of at most INLINE_RESULT_BYTES: its bytes, kept here instead
+    # of a file in the blob store; checked against result_uri's SHA-1 whenever it is read.
+    Column("result_data", LargeBinary, nullable=True),
+)
+
+_task_results_v5 = Table(  # schema version 5's shape (version 7 adds result_data)
+    "task_results",
+    _frozen,
+    Column("task_id", String(40), primary_key=True),
+    Column("kwargs_digest", String(40), primary_key=True),
+    Column("task_type", String(20), primary_key=True),
+    Column("function_id", String(200), nullable=False),
+    Column("result_uri", Text, nullable=False),
+    Column("result_kind", String(10), nullable=False),
+    Column("source", String(64), nullable=False),
+    Column("finished_at", Float, nullable=False),
 )
 
 task_actions = Table(
@@ -285,7 +302,7 @@ def _v4_feeds(conn: Connection) -> None:
 
 
 def _v5_tasks(conn: Connection) -> None:
-    task_results.create(conn)
+    _task_results_v5.create(conn)
     task_actions.create(conn)
 
 
@@ -301,6 +318,12 @@ def _v6_feed_message_keys(conn: Connection) -> None:
     conn.exec_driver_sql("DROP TABLE feed_messages_v4")
 
 
+def _v7_inline_task_results(conn: Connection) -> None:
+    """Small task results keep their bytes in their record (``task_results.result_data``)."""
+    blob = LargeBinary().compile(dialect=conn.dialect)
+    conn.execute(text(f"ALTER TABLE task_results ADD COLUMN result_data {blob}"))
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_files_and_mutables,
     _v2_channels_and_peers,
@@ -308,6 +331,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v4_feeds,
     _v5_tasks,
     _v6_feed_message_keys,
+    _v7_inline_task_results,
 ]
 """``MIGRATIONS[i]`` moves the schema from version ``i`` to ``i + 1``."""
 

@@ -1,8 +1,10 @@
 """Task records: cached results (pure calculations, last results of queries) and actions.
 
 ``TaskStore`` keeps two tables. ``task_results`` maps (task ID, exact kwargs digest, type) to the
-URI of a result file held in this node's store: a pure calculation's result, which this node
-shares with the channel (it answers ``TaskLookup``), or a query's latest result, its fallback.
+URI of a result held here: a pure calculation's result, which this node shares with the channel
+(it answers ``TaskLookup``), or a query's latest result, its fallback. A small result (at most
+``INLINE_RESULT_BYTES``, the size that travels inside task messages) keeps its bytes in its row,
+committed with it in one transaction; a larger one is a file in this node's store.
 The digest is part of the key because kachery's task ID writes non-integral floats as null: a
 result is only ever found for the exact arguments it was computed from. ``task_actions`` is a
 provider's ledger of the action requests it accepted, written (and committed) before an action
@@ -42,6 +44,8 @@ class TaskResult:
         result_kind: ``json``, ``bytes`` or ``file``.
         source: where it came from: the provider that ran it, or the member that held it.
         finished_at: when it was computed (seconds since the epoch).
+        result_data: a small result's bytes, kept in the row (None: the result is a file in
+            the store). Unverified as read: check them against ``result_uri`` before use.
     """
 
     task_id: str
@@ -52,6 +56,7 @@ class TaskResult:
     result_kind: str
     source: str
     finished_at: float
+    result_data: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +119,8 @@ class TaskStore:
         return [_result(r) for r in rows]
 
     def save_result(self, result: TaskResult) -> None:
-        """Record a result (replacing the one held for the same arguments: a query's last)."""
+        """Record a result (replacing the one held for the same arguments: a query's last), with
+        its bytes if it keeps them in the row."""
         t = schema.task_results
         key = (
             t.c.task_id == result.task_id,
@@ -133,6 +139,7 @@ class TaskStore:
                     result_kind=result.result_kind,
                     source=result.source,
                     finished_at=result.finished_at,
+                    result_data=result.result_data,
                 )
             )
 

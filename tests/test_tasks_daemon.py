@@ -5,6 +5,7 @@ elsewhere, or fails once its timeout passes."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import queue
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import kachery.node as kn
+from kachery.node.errors import NodeError
 from kachery.node.home import HOME_ENV, NodeHome
 from kachery.node.tasks_client import load_result
 from kachery.node.testing import CommandFailed, Daemon
@@ -155,7 +157,13 @@ def test_the_python_client_requests_caches_and_reports_errors(
         assert failed.status == "error"
         assert "lab_tasks.py" in (failed.error or "")
 
-        assert kn.request_task("raw.v1", {"n": 5}).wait() == bytes(range(5))
+        raw = kn.request_task("raw.v1", {"n": 5})
+        assert raw.wait() == bytes(range(5))
+        # The requester keeps a small result in its task record; its URI still loads (the
+        # provider's copy, fetched through the channel).
+        assert raw.result_uri is not None
+        requester.cli("load", raw.result_uri, "-o", str(tmp_path / "raw.bin"))
+        assert (tmp_path / "raw.bin").read_bytes() == bytes(range(5))
         uri = kn.request_task("report.v1", {"title": "s3"}).wait()
         assert uri.startswith("sha1://")
         assert uri.endswith("/s3.txt")
@@ -239,6 +247,13 @@ def test_the_command_line_and_an_action_that_appends_to_a_feed(
         requester.cli(*args, "--kwargs", kwargs, "--request-id", "note-2")
         messages = p1.cli("feed", "read", f"feed://{feed}/entries").splitlines()
         assert messages == ['0\t{"text": "probe B in CA1"}', '1\t{"text": "probe B in CA1"}']
+
+        # A small bytes result is printed as its URI, which loads here with the provider gone.
+        uri = requester.cli("task", "request", "raw.v1", "--kwargs", '{"n": 7}').strip()
+        worker.kill()
+        p1.stop()
+        requester.cli("load", uri, "-o", str(tmp_path / "raw.bin"))
+        assert (tmp_path / "raw.bin").read_bytes() == bytes(range(7))
     finally:
         worker.kill()
 
@@ -260,3 +275,8 @@ def test_a_result_is_loaded_from_its_blob_or_through_the_index_and_its_loss_is_r
     files.remove(stored.sha1)
     with pytest.raises(NotFound, match="no longer in this node's store"):
         load_result(str(stored.uri()), "json")
+    # A small result comes with the daemon's answer (base64), checked against its URI.
+    data = base64.b64encode(b'{"a":[1,2]}').decode()
+    assert load_result(str(stored.uri()), "json", data) == {"a": [1, 2]}
+    with pytest.raises(NodeError, match="does not match its hash"):
+        load_result(str(stored.uri()), "bytes", base64.b64encode(b"other").decode())

@@ -3,6 +3,7 @@ and the action ledger that makes an action run at most once."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,33 @@ def test_a_version_4_database_gains_the_task_tables(tmp_path: Path) -> None:
         tables = set(inspect(conn).get_table_names())
     assert {"task_results", "task_actions", "feeds"} <= tables
     TaskStore(db).save_result(result({"t": 1}, "sha1://" + "1" * 40))
+
+
+def test_a_small_result_keeps_its_bytes_in_its_row(store: TaskStore) -> None:
+    kept = replace(result({"t": 1}, "sha1://" + "1" * 40), result_data=b'{"x":1}')
+    store.save_result(kept)
+    assert store.result(kept.task_id, kept.kwargs_digest, "pure-calculation") == kept
+    assert store.results_for(kept.task_id) == [kept]
+
+
+def test_a_version_5_database_keeps_its_results_and_gains_inline_bytes(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sqlalchemy.create_engine(url)
+    old = result({"t": 1}, "sha1://" + "1" * 40)
+    with engine.begin() as conn:
+        schema.schema_version.create(conn)
+        for migrate in schema.MIGRATIONS[:5]:
+            migrate(conn)
+        conn.execute(schema.schema_version.insert().values(version=5))
+        columns = {c["name"] for c in inspect(conn).get_columns("task_results")}
+        assert "result_data" not in columns  # version 5's shape, as released
+        values = {f: getattr(old, f) for f in columns}
+        conn.execute(
+            sqlalchemy.table("task_results", *map(sqlalchemy.column, columns)).insert(), values
+        )
+    engine.dispose()
+    store = TaskStore(Database(url))
+    assert store.result(old.task_id, old.kwargs_digest, "pure-calculation") == old
+    new = replace(result({"t": 2}, "sha1://" + "2" * 40), result_data=b"2")
+    store.save_result(new)
+    assert store.result(new.task_id, new.kwargs_digest, "pure-calculation") == new

@@ -13,8 +13,10 @@ import contextlib
 import math
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 import trio
@@ -35,6 +37,8 @@ from kachery.protocol.tasks import (
     TaskStatusBatch,
     rank_providers,
 )
+from kachery.protocol.uri import parse_file_uri
+from kachery.storage import schema
 from kachery.storage.tasks import TaskStore
 
 from .swarm import WAIT, channel_of, swarm, wait
@@ -166,7 +170,8 @@ async def request(node: Node, function_id: str, kwargs: dict[str, Any], **option
 def result_of(node: Node, req: _Request) -> bytes:
     assert req.status is TaskStatus.FINISHED, req.error
     assert req.result_uri is not None
-    from kachery.protocol.uri import parse_file_uri
+    if req.result_data is not None:  # a small result: kept in its record, not in the store
+        return req.result_data
 
     located = node.home.files.locate(parse_file_uri(req.result_uri))
     assert located is not None, f"{req.result_uri} is not stored on {node.node_id[:8]}"
@@ -245,6 +250,51 @@ async def test_a_small_result_travels_inline_and_a_large_one_is_fetched(tmp_path
             assert result_of(third, cached) == await payload(n)
         stats = tasks_of(third).statistics()
         assert (stats["lookupHits"], stats["resultsInline"], stats["resultsFetched"]) == (2, 1, 1)
+
+
+async def test_a_small_result_lives_in_its_record_across_a_restart_and_a_corrupt_one_is_not_served(
+    tmp_path: Path,
+) -> None:
+    async with swarm(tmp_path) as s:
+        requester, provider = await channel_of(s, ["requester", "provider"])
+        worker = await start_worker(s.nursery, provider, {"add.v1": ("pure-calculation", add)})
+        await announced(requester, provider, "add.v1")
+        first = await request(requester, "add.v1", {"a": 1, "b": 2})
+        assert first.result_data == b"3"
+        assert first.result_uri is not None
+        sha1 = parse_file_uri(first.result_uri).sha1
+        assert not requester.home.blobs.has(sha1)  # kept in its record, not as a file
+        spec = first.spec
+        key = (spec.task_id, spec.kwargs_digest, str(spec.task_type))
+        held = TaskStore(requester.home.database).result(*key)
+        assert held is not None
+        assert held.result_data == b"3"
+
+        s.stop("requester")
+        await wait(provider, lambda: requester.node_id not in provider.connections)
+        requester = await s.start("requester")
+        await announced(requester, provider, "add.v1")
+        again = await tasks_of(requester).request("add.v1", {"a": 1, "b": 2})
+        assert (again.status, again.cached, again.result_data) == (TaskStatus.FINISHED, True, b"3")
+        assert worker.runs["add.v1"] == 1
+
+        # Bytes in a record that no longer match its URI are never served: not to this node's
+        # client, nor to a member who asks; the task is found or run again instead.
+        for node in (requester, provider):
+            t = schema.task_results
+            with node.home.database.begin() as conn:
+                conn.execute(t.update().values(result_data=b"4"))
+        tasks_of(requester)._requests.clear()
+        repaired = await request(requester, "add.v1", {"a": 1, "b": 2})
+        assert (repaired.status, repaired.cached, repaired.result_data) == (
+            TaskStatus.FINISHED,
+            False,
+            b"3",
+        )
+        assert worker.runs["add.v1"] == 2
+        assert TaskStore(requester.home.database).result(*key) == replace(
+            held, source=provider.node_id, finished_at=ANY
+        )
 
 
 async def test_with_providers_online_only_they_are_asked_and_the_first_answers_from_its_cache(
