@@ -292,6 +292,18 @@ class _Announced:
     functions: dict[str, TaskType]
 
 
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """A worker's report on one job, checked: how it ended, and its result."""
+
+    status: TaskStatus
+    error: str | None = None
+    uri: str | None = None
+    kind: ResultKind | None = None
+    size: int | None = None
+    data: bytes | None = None
+
+
 @dataclass(slots=True)
 class _Stats:
     requests: int = 0
@@ -843,66 +855,153 @@ class TaskService:
         error: str | None = None,
         result_uri: str | None = None,
         result_kind: str | None = None,
+        result_data: str | None = None,
     ) -> dict[str, Any]:
         """A worker's report that a job finished (with its stored result) or failed."""
-        job = self.book.jobs.get(job_id)
+        report = {
+            "jobId": job_id,
+            "status": status,
+            "error": error,
+            "resultUri": result_uri,
+            "resultKind": result_kind,
+            "resultData": result_data,
+        }
+        (outcome,) = await self._settle_reports(backend_id, [report])
+        if isinstance(outcome, KacheryError):
+            raise outcome
+        return {"status": str(outcome)}
+
+    @exposed
+    async def task_backend_reports(
+        self, backend_id: str, reports: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Several reports at once, as ``task_backend_report`` takes them (camelCase keys
+        ``jobId``, ``status``, ``error``, ``resultUri``, ``resultKind``, ``resultData``); their
+        results are recorded in one transaction. Answers each, in order: ``{"jobId",
+        "status"}``, or ``{"jobId", "error": {"type", "message"}}``."""
+        if not isinstance(reports, list) or not all(isinstance(r, dict) for r in reports):
+            raise InvalidInput("reports must be a list of objects")
+        outcomes = await self._settle_reports(backend_id, reports)
+        return [
+            {"jobId": r.get("jobId"), "status": str(o)}
+            if not isinstance(o, KacheryError)
+            else {"jobId": r.get("jobId"), "error": {"type": type(o).__name__, "message": str(o)}}
+            for r, o in zip(reports, outcomes, strict=True)
+        ]
+
+    async def _settle_reports(
+        self, backend_id: str, reports: list[dict[str, Any]]
+    ) -> list[TaskStatus | KacheryError]:
+        """Check each report, record the results and actions they bring, then complete their
+        jobs (a job completes even if recording failed, as its worker is done with it)."""
+        outcomes: list[TaskStatus | KacheryError] = []
+        taken: list[tuple[Job, _Outcome]] = []
+        for report in reports:
+            try:
+                checked = await self._check_report(backend_id, report)
+            except KacheryError as exc:
+                outcomes.append(exc)
+                continue
+            checked[0].reporting = True
+            taken.append(checked)
+            outcomes.append(checked[1].status)
+        failure: KacheryError | None = None
+        try:
+            await self._record_outcomes(taken)
+        except KacheryError as exc:
+            failure = exc
+        finally:
+            for job, outcome in taken:
+                if job.job_id in self.book.jobs:
+                    self._complete(
+                        job,
+                        outcome.status,
+                        error=outcome.error,
+                        result_uri=outcome.uri,
+                        result_kind=outcome.kind,
+                        result_size=outcome.size,
+                        result_data=outcome.data,
+                    )
+        if failure is not None:
+            outcomes = [failure if isinstance(o, TaskStatus) else o for o in outcomes]
+        return outcomes
+
+    async def _check_report(self, backend_id: str, report: dict[str, Any]) -> tuple[Job, _Outcome]:
+        job_id, status = report.get("jobId"), report.get("status")
+        job = self.book.jobs.get(str(job_id))
         if job is None or job.backend != backend_id or job.reporting:
             raise NotFound(f"no job {job_id} runs on worker {backend_id} (handed back or over)")
         outcome = TaskStatus(status) if status in ("finished", "error") else None
         if outcome is None:
             raise InvalidInput(f"a job reports finished or error, not {status!r}")
-        spec = job.spec
-        uri: str | None = None
-        kind: ResultKind | None = None
-        size: int | None = None
-        data: bytes | None = None
-        if outcome is TaskStatus.FINISHED and spec.task_type is not TaskType.ACTION:
-            if result_uri is None or result_kind is None:
-                raise InvalidInput("a finished job reports its resultUri and resultKind")
-            parsed = parse_file_uri(result_uri)
-            if result_kind not in ResultKind.__members__.values():
-                raise InvalidInput(f"unknown result kind {result_kind!r}")
+        if outcome is TaskStatus.ERROR:
+            return job, _Outcome(outcome, error=clip_error(str(report.get("error") or "failed")))
+        if job.spec.task_type is TaskType.ACTION:
+            return job, _Outcome(outcome)
+        result_uri, result_kind = report.get("resultUri"), report.get("resultKind")
+        if not isinstance(result_uri, str) or not isinstance(result_kind, str):
+            raise InvalidInput("a finished job reports its resultUri and resultKind")
+        parsed = parse_file_uri(result_uri)
+        if result_kind not in ResultKind.__members__.values():
+            raise InvalidInput(f"unknown result kind {result_kind!r}")
+        found: tuple[int, bytes | None] | None = self._inline_report(
+            parsed.sha1, report.get("resultData")
+        )
+        if found is None:
             found = await self.node.run_sync(
                 functools.partial(self._read_result_file, str(parsed), inline=True)
             )
-            if found is None:
-                raise NotFound(f"the result {result_uri} is not in this node's store")
-            uri, kind, (size, data) = str(parsed), ResultKind(result_kind), found
-        job.reporting = True
+        if found is None:
+            raise NotFound(f"the result {result_uri} is not in this node's store")
+        size, data = found
+        return job, _Outcome(
+            outcome, uri=str(parsed), kind=ResultKind(result_kind), size=size, data=data
+        )
+
+    def _inline_report(self, sha1: str, encoded: object) -> tuple[int, bytes] | None:
+        """A small result's bytes as the worker sent them with its report (base64), if they
+        match the URI; None to read them from the store instead."""
+        if not isinstance(encoded, str):
+            return None
         try:
+            data = base64.b64decode(encoded, validate=True)
+        except ValueError:
+            raise InvalidInput("resultData is not base64") from None
+        if len(data) > INLINE_RESULT_BYTES or hashlib.sha1(data).hexdigest() != sha1:
+            raise InvalidInput(f"resultData does not match the result's URI sha1://{sha1}")
+        return len(data), data
+
+    async def _record_outcomes(self, taken: list[tuple[Job, _Outcome]]) -> None:
+        """Mark the actions; record the results, in one transaction."""
+        records = []
+        for job, outcome in taken:
+            spec = job.spec
             if spec.task_type is TaskType.ACTION:
                 await self.node.run_sync(
                     self.store.mark_action,
                     spec.requester,
                     spec.request_id,
-                    str(outcome),
-                    None if error is None else clip_error(error),
+                    str(outcome.status),
+                    outcome.error,
                 )
-            elif uri is not None and kind is not None:
-                record = TaskResult(
-                    task_id=spec.task_id,
-                    kwargs_digest=spec.kwargs_digest,
-                    task_type=str(spec.task_type),
-                    function_id=spec.function_id,
-                    result_uri=uri,
-                    result_kind=str(kind),
-                    source=self.node.node_id,
-                    finished_at=time.time(),
-                    result_data=data,
+            elif outcome.uri is not None and outcome.kind is not None:
+                records.append(
+                    TaskResult(
+                        task_id=spec.task_id,
+                        kwargs_digest=spec.kwargs_digest,
+                        task_type=str(spec.task_type),
+                        function_id=spec.function_id,
+                        result_uri=outcome.uri,
+                        result_kind=str(outcome.kind),
+                        source=self.node.node_id,
+                        finished_at=time.time(),
+                        result_data=outcome.data,
+                    )
                 )
-                await self._save_result(record)
-        finally:
-            if job.job_id in self.book.jobs:
-                self._complete(
-                    job,
-                    outcome,
-                    error=None if outcome is TaskStatus.FINISHED else (error or "failed"),
-                    result_uri=uri,
-                    result_kind=kind,
-                    result_size=size,
-                    result_data=data,
-                )
-        return {"status": str(outcome)}
+        if records:
+            await self.node.run_sync(self.store.save_results, records)
+            for record in records:
+                self._note_held(record)
 
     # -- announcing what this node serves ------------------------------------------------------
 

@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 from kachery.protocol.errors import InvalidInput, KacheryError
 from kachery.protocol.kachery_json import check_json_value
 from kachery.protocol.tasks import (
+    INLINE_RESULT_BYTES,
     ResultKind,
     TaskStatus,
     TaskType,
@@ -77,6 +78,24 @@ RECONNECT_SECONDS = 1.0
 """First wait before a worker reconnects to a daemon that went away; doubles up to a minute."""
 
 RECONNECT_MAX_SECONDS = 60.0
+
+
+REPORTS_PER_CALL = 64
+"""Job reports a worker sends in one call, at most."""
+
+
+_REPORT_KEYS = {
+    "status": "status",
+    "error": "error",
+    "result_uri": "resultUri",
+    "result_kind": "resultKind",
+    "result_data": "resultData",
+}
+
+
+def _camel(report: dict[str, Any]) -> dict[str, Any]:
+    """A report's keys as ``task_backend_reports`` takes them (``result_uri`` -> ``resultUri``)."""
+    return {_REPORT_KEYS[key]: value for key, value in report.items()}
 
 
 class TaskFailed(NodeError):
@@ -135,14 +154,22 @@ def store_result(home: NodeHome, value: Any) -> tuple[str, ResultKind]:
         InvalidInput: the value is none of these (the message names what is not JSON).
         KacheryError: the store failed (disk full, file missing).
     """
-    if isinstance(value, bytes | bytearray | memoryview):
-        return str(home.files.store_bytes(bytes(value)).uri()), ResultKind.BYTES
+    uri, kind, _ = _store_value(home, value)
+    return uri, kind
+
+
+def _store_value(home: NodeHome, value: Any) -> tuple[str, ResultKind, bytes | None]:
+    """``store_result``, and the bytes stored unless the value was a file."""
     if isinstance(value, os.PathLike):
         path = Path(value)
-        return str(home.files.store_path(path).uri(path.name)), ResultKind.FILE
-    check_json_value(value, "the result")
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return str(home.files.store_bytes(text.encode("utf-8")).uri()), ResultKind.JSON
+        return str(home.files.store_path(path).uri(path.name)), ResultKind.FILE, None
+    if isinstance(value, bytes | bytearray | memoryview):
+        data, kind = bytes(value), ResultKind.BYTES
+    else:
+        check_json_value(value, "the result")
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        data, kind = text.encode("utf-8"), ResultKind.JSON
+    return str(home.files.store_bytes(data).uri()), kind, data
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -159,7 +186,8 @@ def execute_job(
     home: NodeHome, function: TaskFunction, kwargs: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Run one job and store its result; returns the report (``status``, and ``error`` or
-    ``result_uri`` and ``result_kind``) for ``task_backend_report``."""
+    ``result_uri``, ``result_kind`` and for a small result ``result_data``, its bytes in base64,
+    so the daemon need not read them back) for ``task_backend_report``."""
     try:
         value = function.func(**kwargs)
     except BaseException as exc:  # SystemExit in a task must not silently end a worker thread
@@ -169,23 +197,29 @@ def execute_job(
     if function.task_type is TaskType.ACTION:
         return {"status": "finished"}
     try:
-        uri, kind = store_result(home, value)
+        uri, kind, data = _store_value(home, value)
     except KacheryError as exc:
         return {"status": "error", "error": f"its result could not be stored: {exc}"}
-    return {"status": "finished", "result_uri": uri, "result_kind": str(kind)}
+    report = {"status": "finished", "result_uri": uri, "result_kind": str(kind)}
+    if data is not None and len(data) <= INLINE_RESULT_BYTES:
+        report["result_data"] = base64.b64encode(data).decode("ascii")
+    return report
 
 
 class _Worker:
-    """Threads that run jobs and report them to the daemon."""
+    """Threads that run jobs, and one that reports them to the daemon: the reports of jobs
+    that end while a report is on its way go together in the next call."""
 
     def __init__(self, home: NodeHome, functions: dict[str, TaskFunction], slots: int) -> None:
         self.home = home
         self.functions = functions
         self.client = DaemonClient(home.path)
         self.jobs: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        self.reports: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        # Daemon threads: a task that never returns cannot keep the worker from exiting.
         for i in range(slots):
-            # Daemon threads: a task that never returns cannot keep the worker from exiting.
             threading.Thread(target=self._work, name=f"kachery-task-{i}", daemon=True).start()
+        threading.Thread(target=self._report, name="kachery-task-reports", daemon=True).start()
 
     def _work(self) -> None:
         while True:
@@ -200,14 +234,35 @@ class _Worker:
                 time.perf_counter() - started,
                 f": {report['error']}" if report.get("error") else "",
             )
-            try:
-                self.client.call(
-                    "task_backend_report", backend_id=backend_id, job_id=job["jobId"], **report
-                )
-            except NotFound:
-                log.info("job %s was handed back before it finished", job["jobId"])
-            except KacheryError as exc:
-                log.warning("could not report job %s: %s", job["jobId"], exc)
+            self.reports.put((backend_id, {"jobId": job["jobId"], **_camel(report)}))
+
+    def _report(self) -> None:
+        while True:
+            batch = [self.reports.get()]
+            while len(batch) < REPORTS_PER_CALL:
+                try:
+                    batch.append(self.reports.get_nowait())
+                except queue.Empty:
+                    break
+            by_backend: dict[str, list[dict[str, Any]]] = {}
+            for backend_id, report in batch:
+                by_backend.setdefault(backend_id, []).append(report)
+            for backend_id, reports in by_backend.items():
+                try:
+                    answers = self.client.call(
+                        "task_backend_reports", backend_id=backend_id, reports=reports
+                    )
+                except KacheryError as exc:
+                    log.warning("could not report %d jobs: %s", len(reports), exc)
+                    continue
+                for answer in answers:
+                    error = answer.get("error")
+                    if error is None:
+                        continue
+                    if error.get("type") == "NotFound":
+                        log.info("job %s was handed back before it finished", answer["jobId"])
+                    else:
+                        log.warning("could not report job %s: %s", answer["jobId"], error)
 
     def serve(
         self, channels: list[str] | None, slots: int, on_ready: Callable[[dict[str, Any]], None]

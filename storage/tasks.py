@@ -121,26 +121,40 @@ class TaskStore:
     def save_result(self, result: TaskResult) -> None:
         """Record a result (replacing the one held for the same arguments: a query's last), with
         its bytes if it keeps them in the row."""
+        self.save_results([result])
+
+    def save_results(self, results: list[TaskResult]) -> None:
+        """Record several results in one transaction (as ``save_result`` records one; of two
+        for the same arguments, the later)."""
         t = schema.task_results
-        key = (
-            t.c.task_id == result.task_id,
-            t.c.kwargs_digest == result.kwargs_digest,
-            t.c.task_type == result.task_type,
-        )
+        latest = {(r.task_id, r.kwargs_digest, r.task_type): r for r in results}
+        if not latest:
+            return
         with self.db.begin() as conn:
-            conn.execute(delete(t).where(*key))
-            conn.execute(
-                t.insert().values(
-                    task_id=result.task_id,
-                    kwargs_digest=result.kwargs_digest,
-                    task_type=result.task_type,
-                    function_id=result.function_id,
-                    result_uri=result.result_uri,
-                    result_kind=result.result_kind,
-                    source=result.source,
-                    finished_at=result.finished_at,
-                    result_data=result.result_data,
+            for result in latest.values():
+                conn.execute(
+                    delete(t).where(
+                        t.c.task_id == result.task_id,
+                        t.c.kwargs_digest == result.kwargs_digest,
+                        t.c.task_type == result.task_type,
+                    )
                 )
+            conn.execute(
+                t.insert(),
+                [
+                    {
+                        "task_id": r.task_id,
+                        "kwargs_digest": r.kwargs_digest,
+                        "task_type": r.task_type,
+                        "function_id": r.function_id,
+                        "result_uri": r.result_uri,
+                        "result_kind": r.result_kind,
+                        "source": r.source,
+                        "finished_at": r.finished_at,
+                        "result_data": r.result_data,
+                    }
+                    for r in latest.values()
+                ],
             )
 
     def forget_result(self, task_id: str, kwargs_digest: str, task_type: str) -> None:

@@ -9,7 +9,9 @@ state changes, ``Node.wait_until``) under a generous ``fail_after``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import math
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -793,7 +795,7 @@ async def test_an_action_whose_worker_dies_while_it_runs_is_never_run_again(
 async def test_status_goes_waiting_pending_queued_running_finished(tmp_path: Path) -> None:
     async with swarm(tmp_path) as s:
         requester, provider = await channel_of(s, ["requester", "provider"])
-        gates = {1: trio.Event(), 2: trio.Event()}
+        gates = {1: trio.Event(), 2: trio.Event(), 3: trio.Event()}
 
         async def held(n: int) -> int:
             await gates[n].wait()
@@ -844,3 +846,43 @@ async def test_a_node_serves_its_own_requests_through_its_local_worker(tmp_path:
                 "functions": {"add.v1": "pure-calculation"},
             }
         ]
+
+
+async def test_a_worker_reports_several_jobs_in_one_call_each_checked(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        (node,) = await channel_of(s, ["solo"])
+        service = tasks_of(node)
+        listed = [{"functionId": "add.v1", "type": "pure-calculation"}]
+        events = service.task_backend_listen(functions=listed, slots=2)
+        async with contextlib.aclosing(events):
+            registered = await anext(events)
+            assert isinstance(registered, dict)
+            backend_id = registered["backendId"]
+            one = await service.request("add.v1", {"a": 1, "b": 2})
+            two = await service.request("add.v1", {"a": 2, "b": 2})
+            jobs: list[Any] = [await anext(events), await anext(events)]
+            jobs.sort(key=lambda job: job["kwargs"]["a"])  # the job of `one` first
+            reports = []
+            for job in jobs:
+                data = str(job["kwargs"]["a"] + job["kwargs"]["b"]).encode()
+                uri, _ = store_result(node.home, json.loads(data))
+                reports.append(
+                    {
+                        "jobId": job["jobId"],
+                        "status": "finished",
+                        "resultUri": uri,
+                        "resultKind": "json",
+                        "resultData": base64.b64encode(data).decode(),
+                    }
+                )
+            forged = dict(reports[1], resultData=base64.b64encode(b"5").decode())
+            answers = await service.task_backend_reports(
+                backend_id, [reports[0], forged, {"jobId": "j-none", "status": "finished"}]
+            )
+            assert answers[0] == {"jobId": jobs[0]["jobId"], "status": "finished"}
+            assert answers[1]["error"]["type"] == "InvalidInput"
+            assert answers[2]["error"]["type"] == "NotFound"
+            assert (await finished(one)).result_data == b"3"
+            (answer,) = await service.task_backend_reports(backend_id, [reports[1]])
+            assert answer == {"jobId": jobs[1]["jobId"], "status": "finished"}
+            assert (await finished(two)).result_data == b"4"
