@@ -1646,7 +1646,7 @@ class TaskService:
         if req is None:
             raise NotFound(f"no task request {request_id} on this node (it may have restarted)")
         names = self._names()
-        deadline = math.inf if within_seconds is None else trio.current_time() + within_seconds
+        deadline = self._deadline(within_seconds)
         shown: tuple[Any, ...] | None = None
         while True:
             state = (req.status, req.provider, req.note)
@@ -1657,6 +1657,23 @@ class TaskService:
                 break
             await req.wait_until(deadline)
         yield StreamResult(req.snapshot(names, data=True))
+
+    @exposed
+    async def task_outcome(
+        self, request_id: str, within_seconds: float | None = None
+    ) -> dict[str, Any]:
+        """A request's state once it ends (or once ``within_seconds`` pass): ``task_wait``
+        without its events, answered as one plain reply."""
+        req = self._requests.get(request_id)
+        if req is None:
+            raise NotFound(f"no task request {request_id} on this node (it may have restarted)")
+        deadline = self._deadline(within_seconds)
+        while not req.terminal and trio.current_time() < deadline:
+            await req.wait_until(deadline)
+        return req.snapshot(self._names(), data=True)
+
+    def _deadline(self, within_seconds: float | None) -> float:
+        return math.inf if within_seconds is None else trio.current_time() + within_seconds
 
     @exposed
     async def task_status(self, task: str) -> dict[str, Any]:

@@ -478,12 +478,13 @@ class TaskHandle:
             Unavailable: it was still going after ``timeout`` seconds.
         """
         if not self._terminal:
-            with _client().stream(
-                "task_wait", request_id=self.request_id, within_seconds=timeout, changes=False
-            ) as events:
-                for event in events:
-                    self._state.update(event)
-                self._state.update(events.result)
+            client = _client()
+            if timeout is None:
+                client.timeout = None  # the daemon answers when the request ends
+            outcome = client.call(
+                "task_outcome", request_id=self.request_id, within_seconds=timeout
+            )
+            self._state.update(outcome)
         if not self._terminal:
             raise Unavailable(
                 f"task {self.function_id} is still {self._state['status']} after {timeout} s"

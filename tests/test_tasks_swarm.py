@@ -823,6 +823,14 @@ async def test_status_goes_waiting_pending_queued_running_finished(tmp_path: Pat
         assert (await finished(first)).status is TaskStatus.FINISHED
         assert seen[-3:] == ["queued", "running", "finished"]
         assert seen[0] in ("waiting", "pending")
+        # task_outcome: the end state in one plain answer, with a small result's bytes.
+        third = await service.request("held.v1", {"n": 3}, "query")
+        early = await service.task_outcome(third.spec.request_id, within_seconds=0)
+        assert early["status"] in ("waiting", "pending", "queued", "running")
+        assert "resultData" not in early
+        gates[3].set()
+        done = await service.task_outcome(third.spec.request_id)
+        assert (done["status"], done["resultData"]) == ("finished", "Mw==")  # base64 of b"3"
 
 
 async def test_a_node_serves_its_own_requests_through_its_local_worker(tmp_path: Path) -> None:
