@@ -365,6 +365,7 @@ class TaskService:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Announce, flush status updates and renew leases until cancelled."""
         self._held_keys = await self.node.run_sync(self.store.result_keys)
+        self._files.kept_elsewhere.append(self._kept_bytes)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._watch_sessions)
@@ -396,6 +397,10 @@ class TaskService:
     @property
     def lease_ms(self) -> int:
         return max(1, round(self.lease_seconds * 1000))
+
+    async def _kept_bytes(self, sha1: str) -> bytes | None:
+        """A small result's bytes kept in its record (so `load` of its URI works here)."""
+        return await self.node.run_sync(self.store.kept_bytes, sha1)
 
     @property
     def _files(self) -> FileService:

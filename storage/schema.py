@@ -244,6 +244,8 @@ task_results = Table(
     # (schema version 7) A result of at most INLINE_RESULT_BYTES: its bytes, kept here instead
     # of a file in the blob store; checked against result_uri's SHA-1 whenever it is read.
     Column("result_data", LargeBinary, nullable=True),
+    # (schema version 7) So `load` of a result's URI finds bytes kept here (TaskStore.kept_bytes).
+    Index("task_results_by_uri", "result_uri"),
 )
 
 _task_results_v5 = Table(  # schema version 5's shape (version 7 adds result_data)
@@ -322,6 +324,8 @@ def _v7_inline_task_results(conn: Connection) -> None:
     """Small task results keep their bytes in their record (``task_results.result_data``)."""
     blob = LargeBinary().compile(dialect=conn.dialect)
     conn.execute(text(f"ALTER TABLE task_results ADD COLUMN result_data {blob}"))
+    for index in task_results.indexes:
+        index.create(conn)
 
 
 MIGRATIONS: list[Callable[[Connection], None]] = [

@@ -15,6 +15,7 @@ Non-goals: the result files themselves (the blob store) and deciding anything (n
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -102,6 +103,25 @@ class TaskStore:
                 select(t).where(t.c.task_id == task_id).order_by(t.c.finished_at.desc())
             ).all()
         return [_result(r) for r in rows]
+
+    def kept_bytes(self, sha1: str) -> bytes | None:
+        """The bytes of a small result with SHA-1 ``sha1`` kept in a result's record, if one
+        holds them and they still hash to it (else None)."""
+        t = schema.task_results
+        prefix = f"sha1://{sha1}"  # then "/label", "?manifest=..." or nothing: all below "~"
+        with self.db.begin() as conn:
+            rows = conn.execute(
+                select(t.c.result_data).where(
+                    t.c.result_uri >= prefix,
+                    t.c.result_uri < prefix + "~",
+                    t.c.result_data.is_not(None),
+                )
+            ).all()
+        for row in rows:
+            data = bytes(row.result_data)
+            if hashlib.sha1(data).hexdigest() == sha1:
+                return data
+        return None
 
     def result_keys(self) -> set[tuple[str, str, str]]:
         """(task ID, kwargs digest, type) of every result held: small enough to keep in memory,

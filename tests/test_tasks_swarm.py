@@ -299,6 +299,29 @@ async def test_a_small_result_lives_in_its_record_across_a_restart_and_a_corrupt
         )
 
 
+async def test_the_uri_of_a_small_result_kept_in_its_record_loads_with_its_provider_offline(
+    tmp_path: Path,
+) -> None:
+    async with swarm(tmp_path) as s:
+        requester, provider, third = await channel_of(s, ["requester", "provider", "third"])
+        await start_worker(s.nursery, provider, {"add.v1": ("pure-calculation", add)})
+        await announced(requester, provider, "add.v1")
+        mine = await request(requester, "add.v1", {"a": 1, "b": 2})
+        shared = await request(requester, "add.v1", {"a": 2, "b": 2})
+        uris = [parse_file_uri(r.result_uri or "") for r in (mine, shared)]
+        assert not any(requester.home.blobs.has(u.sha1) for u in uris)  # kept in records only
+        s.stop("provider")
+        await wait(third, lambda: provider.node_id not in third.connections)
+
+        # `load` on the requester: from the record, checked, into the store; no channel needed.
+        entry = await files_of(requester).download(uris[0])
+        assert entry.path.read_bytes() == b"3"
+        # A member asks the channel: the requester answers from the record, and serves it.
+        entry = await files_of(third).download(uris[1])
+        assert entry.path.read_bytes() == b"4"
+        assert requester.home.blobs.has(uris[1].sha1)
+
+
 async def test_with_providers_online_only_they_are_asked_and_the_first_answers_from_its_cache(
     tmp_path: Path,
 ) -> None:
