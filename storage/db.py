@@ -45,10 +45,34 @@ class Database:
             self.engine: Engine = sqlalchemy.create_engine(url)
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
-            with self.engine.begin() as conn:
-                self._migrate(conn)
+            if self._version() != schema.SCHEMA_VERSION:
+                self._migrate_atomically()
         except SQLAlchemyError as exc:
             raise DatabaseError(f"cannot open database {url}: {exc}") from exc
+
+    def _version(self) -> int | None:
+        """The schema version the database has (None: no schema yet); a read, no lock taken."""
+        with self.engine.connect() as conn:
+            if not sqlalchemy.inspect(conn).has_table(schema.schema_version.name):
+                return None
+            row = conn.execute(select(schema.schema_version.c.version)).first()
+        return None if row is None else int(row.version)
+
+    def _migrate_atomically(self) -> None:
+        """Migrate in one transaction that holds the write lock from its first statement.
+
+        Python's sqlite3 driver begins a transaction only before INSERT, UPDATE and DELETE, so
+        DDL (CREATE, ALTER, DROP) would run and commit one statement at a time: a migration cut
+        short (a crash, a full disk) would leave a half-changed schema at the old version, which
+        the next start could not migrate. ``BEGIN IMMEDIATE`` makes the whole migration one
+        transaction, and makes a second process opening the database meanwhile (the CLI beside
+        a starting daemon) wait, then find the version already current.
+        """
+        with self.engine.connect() as conn:
+            if self.engine.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            self._migrate(conn)
+            conn.commit()
 
     @staticmethod
     def _migrate(conn: Connection) -> None:

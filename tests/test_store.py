@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Connection, inspect, select
 
 from kachery.node.home import NodeHome
 from kachery.protocol import parse_file_uri
@@ -24,6 +24,7 @@ from kachery.storage import (
     schema,
 )
 from kachery.storage.blobstore import _TempFile
+from kachery.storage.db import sqlite_url
 
 from .conftest import pattern_bytes
 
@@ -250,3 +251,31 @@ def test_the_schema_is_migrated_on_open_and_a_newer_one_refused(tmp_path: Path) 
 def test_the_database_is_in_wal_mode(home: NodeHome) -> None:
     with home.database.begin() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_a_migration_cut_short_changes_nothing_and_the_next_open_completes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = sqlite_url(tmp_path / "k.db")
+    Database(url).close()
+
+    def half_done(conn: Connection) -> None:  # DDL, then a failure (a full disk, a crash)
+        conn.exec_driver_sql("CREATE TABLE extra (x INTEGER)")
+        conn.exec_driver_sql("ALTER TABLE feed_messages RENAME TO feed_messages_old")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, half_done])
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", len(schema.MIGRATIONS))
+    with pytest.raises(OSError, match="No space left"):
+        Database(url)
+    monkeypatch.undo()
+    db = Database(url)
+    try:
+        tables = set(inspect(db.engine).get_table_names())
+        assert "feed_messages" in tables
+        assert not {"extra", "feed_messages_old"} & tables  # the DDL was rolled back too
+        with db.begin() as conn:
+            version = conn.execute(select(schema.schema_version.c.version)).scalar()
+        assert version == schema.SCHEMA_VERSION
+    finally:
+        db.close()
