@@ -164,8 +164,9 @@ def cmd_task_request(args: argparse.Namespace, out: TextIO) -> int:
     data = state.pop("resultData", None)  # the value's bytes, shown below as the value
     value = load_result(state.get("resultUri"), state.get("resultKind"), data)
     if data is not None and isinstance(value, bytes):
-        # Shown as its URI, which 'kachery-node load' reads from the store: the daemon keeps a
-        # small result in its database only, so it is stored here now.
+        # Shown as its URI: stored now, so 'kachery-node load' reads it from the store even
+        # with the daemon stopped (the daemon keeps a small result in its record, and stores
+        # it only when its URI is loaded through the daemon).
         NodeHome.open().files.store_bytes(value)
     if args.json:
         shown = value if state.get("resultKind") == "json" else state.get("resultUri")
