@@ -32,9 +32,13 @@ from trio_websocket import (
 
 from kachery.protocol.session import MAX_FRAME_BYTES, PROTOCOL
 
+from . import wsmask
 from .errors import NodeError
 
 log = logging.getLogger(__name__)
+
+MASKING_IN_C = wsmask.install()
+"""Frames a dialer sends are masked, and unmasked by the listener, in C (see wsmask.py)."""
 
 RECEIVE_BUFFER_BYTES = 1024 * 1024
 """Bytes read from the socket per receive: trio-websocket's 4 KiB default caps a connection
