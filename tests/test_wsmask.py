@@ -42,3 +42,20 @@ def test_frames_masked_in_c_are_read_back_by_a_server() -> None:
         server.receive_bytes(client._serialize_frame(Opcode.BINARY, payload))
     got = [bytes(frame.payload) for frame in server.received_frames()]
     assert got == payloads
+
+
+def test_without_the_c_module_wsproto_keeps_masking_in_python(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = importlib.import_module
+
+    def without_speedups(name: str, package: str | None = None) -> object:
+        if name == "websockets.speedups":
+            raise ImportError("no module named websockets.speedups")
+        return real(name, package)
+
+    monkeypatch.setattr(wsmask.importlib, "import_module", without_speedups)
+    frame_protocol = real("wsproto.frame_protocol")
+    before = frame_protocol.XorMaskerSimple
+    assert not wsmask.install()
+    assert frame_protocol.XorMaskerSimple is before  # left as it was
