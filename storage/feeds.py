@@ -413,6 +413,7 @@ class FeedStore:
         most ``max_bytes`` of bodies and signatures, but always at least one)."""
         msg = schema.feed_messages
         limit = max(0, min(limit, MAX_READ_MESSAGES))
+        start = max(0, start)  # a negative number would reach into the previous subfeed's keys
         end = min(start + limit, 1 << MESSAGE_NUMBER_BITS)
         if start >= end:
             return []

@@ -200,3 +200,15 @@ def test_message_numbers_beyond_the_row_key_are_refused(store: FeedStore) -> Non
         store.append_many([rows(sf, (1 << 40) - 1, 2)])
     assert store.read(sf, (1 << 40) - 1, 2) == []
     assert store.head(sf).count == 0
+
+
+def test_a_read_never_reaches_into_another_subfeeds_rows(store: FeedStore) -> None:
+    first = store.subfeed(FEED, SUB, create=True)
+    second = store.subfeed(FEED, "ef" * 20, create=True)
+    assert first is not None
+    assert second is not None
+    store.append_many([rows(first, 0, 3), rows(second, 0, 2)])
+    assert [b for b, _ in store.read(second, -2, 10)] == [b"body0", b"body1"]
+    assert [b for b, _ in store.read(first, 1, 10)] == [b"body1", b"body2"]
+    assert store.read(first, 3, 10) == []
+    assert (store.head(first).count, store.head(second).count) == (3, 2)
