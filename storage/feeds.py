@@ -63,11 +63,11 @@ def _of_subfeed(key: Any, sf: Any) -> tuple[Any, Any]:
     return key >= sf * span, key < (sf + 1) * span
 
 
-def _check_key(sf: int, count: int) -> None:
-    """Messages ``0 .. count - 1`` of subfeed ``sf`` fit the row key."""
-    if not 0 <= sf < _MAX_SUBFEEDS or count > 1 << MESSAGE_NUMBER_BITS:
+def _check_key(sf: int, start: int, end: int) -> None:
+    """Messages ``start .. end - 1`` of subfeed ``sf`` fit the row key."""
+    if not (0 <= sf < _MAX_SUBFEEDS and 0 <= start <= end <= 1 << MESSAGE_NUMBER_BITS):
         raise DatabaseError(
-            f"subfeed {sf} with {count} messages is beyond what the feed table keys"
+            f"messages {start}..{end - 1} of subfeed {sf} are beyond what the feed table keys"
             f" (2**{MESSAGE_NUMBER_BITS} messages per subfeed)"
         )
 
@@ -354,7 +354,7 @@ class FeedStore:
                 messages is already stored.
         """
         for g in groups:
-            _check_key(g.sf, g.start + len(g.bodies))
+            _check_key(g.sf, g.start, g.start + len(g.bodies))
         rows = [
             (message_key(g.sf, g.start + i), g.bodies[i], g.signatures[i], g.chains[i])
             for g in groups

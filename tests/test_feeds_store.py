@@ -198,6 +198,8 @@ def test_message_numbers_beyond_the_row_key_are_refused(store: FeedStore) -> Non
     assert sf is not None
     with pytest.raises(DatabaseError, match="beyond what the feed table keys"):
         store.append_many([rows(sf, (1 << 40) - 1, 2)])
+    with pytest.raises(DatabaseError, match="beyond what the feed table keys"):
+        store.append_many([rows(sf, -1, 2)])
     assert store.read(sf, (1 << 40) - 1, 2) == []
     assert store.head(sf).count == 0
 
