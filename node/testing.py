@@ -51,6 +51,15 @@ class Daemon:
     def json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json"))
 
+    def last_load_seconds(self) -> float:
+        """How long the daemon's last download took, from its log ("loaded ... in 2.91 s"): from
+        the request to the verified file in the store, without the command's start-up or a
+        copy out of the store (``load -o``)."""
+        lines = [line for line in self.log if " loaded sha1://" in line]
+        if not lines:
+            raise CommandFailed("the daemon has logged no finished download")
+        return float(lines[-1].rsplit(" in ", 1)[1].split()[0])
+
     def start(self, *extra: str, timeout: float = 60) -> None:
         self.log = []
         self._ready.clear()

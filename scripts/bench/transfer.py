@@ -137,12 +137,6 @@ def timed_load(node: Daemon, uri: str, sha1: str) -> float:
     return elapsed
 
 
-def daemon_load_seconds(node: Daemon) -> float:
-    """How long the daemon's last load took, from its log ("loaded ... in 2.91 s")."""
-    lines = [line for line in node.log if " loaded sha1://" in line]
-    return float(lines[-1].rsplit(" in ", 1)[1].split()[0])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=GIB)
@@ -214,7 +208,7 @@ def main() -> None:
             sha1 = uri.split("//")[1].split("/")[0].split("?")[0]
             elapsed = timed_load(nodes[3], uri, sha1)
             served = [p.json("status")["files"]["bytesUploaded"] for p in nodes[:3]]
-            inside = daemon_load_seconds(nodes[3])
+            inside = nodes[3].last_load_seconds()
         finally:
             for node in nodes:
                 node.stop()
