@@ -864,12 +864,12 @@ class TaskService:
     ) -> dict[str, Any]:
         """A worker's report that a job finished (with its stored result) or failed."""
         report = {
-            "jobId": job_id,
+            "job_id": job_id,
             "status": status,
             "error": error,
-            "resultUri": result_uri,
-            "resultKind": result_kind,
-            "resultData": result_data,
+            "result_uri": result_uri,
+            "result_kind": result_kind,
+            "result_data": result_data,
         }
         (outcome,) = await self._settle_reports(backend_id, [report])
         if isinstance(outcome, KacheryError):
@@ -880,17 +880,17 @@ class TaskService:
     async def task_backend_reports(
         self, backend_id: str, reports: list[dict[str, Any]]
     ) -> list[dict[str, Any]]:
-        """Several reports at once, as ``task_backend_report`` takes them (camelCase keys
-        ``jobId``, ``status``, ``error``, ``resultUri``, ``resultKind``, ``resultData``); their
-        results are recorded in one transaction. Answers each, in order: ``{"jobId",
+        """Several reports at once, each an object of ``task_backend_report``'s arguments
+        (``job_id``, ``status``, ``error``, ``result_uri``, ``result_kind``, ``result_data``);
+        their results are recorded in one transaction. Answers each, in order: ``{"jobId",
         "status"}``, or ``{"jobId", "error": {"type", "message"}}``."""
         if not isinstance(reports, list) or not all(isinstance(r, dict) for r in reports):
             raise InvalidInput("reports must be a list of objects")
         outcomes = await self._settle_reports(backend_id, reports)
         return [
-            {"jobId": r.get("jobId"), "status": str(o)}
+            {"jobId": r.get("job_id"), "status": str(o)}
             if not isinstance(o, KacheryError)
-            else {"jobId": r.get("jobId"), "error": {"type": type(o).__name__, "message": str(o)}}
+            else {"jobId": r.get("job_id"), "error": {"type": type(o).__name__, "message": str(o)}}
             for r, o in zip(reports, outcomes, strict=True)
         ]
 
@@ -932,7 +932,7 @@ class TaskService:
         return outcomes
 
     async def _check_report(self, backend_id: str, report: dict[str, Any]) -> tuple[Job, _Outcome]:
-        job_id, status = report.get("jobId"), report.get("status")
+        job_id, status = report.get("job_id"), report.get("status")
         job = self.book.jobs.get(str(job_id))
         if job is None or job.backend != backend_id or job.reporting:
             raise NotFound(f"no job {job_id} runs on worker {backend_id} (handed back or over)")
@@ -943,14 +943,14 @@ class TaskService:
             return job, _Outcome(outcome, error=clip_error(str(report.get("error") or "failed")))
         if job.spec.task_type is TaskType.ACTION:
             return job, _Outcome(outcome)
-        result_uri, result_kind = report.get("resultUri"), report.get("resultKind")
+        result_uri, result_kind = report.get("result_uri"), report.get("result_kind")
         if not isinstance(result_uri, str) or not isinstance(result_kind, str):
             raise InvalidInput("a finished job reports its resultUri and resultKind")
         parsed = parse_file_uri(result_uri)
         if result_kind not in ResultKind.__members__.values():
             raise InvalidInput(f"unknown result kind {result_kind!r}")
         found: tuple[int, bytes | None] | None = self._inline_report(
-            parsed.sha1, report.get("resultData")
+            parsed.sha1, report.get("result_data")
         )
         if found is None:
             found = await self.node.run_sync(

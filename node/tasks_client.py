@@ -84,20 +84,6 @@ REPORTS_PER_CALL = 64
 """Job reports a worker sends in one call, at most."""
 
 
-_REPORT_KEYS = {
-    "status": "status",
-    "error": "error",
-    "result_uri": "resultUri",
-    "result_kind": "resultKind",
-    "result_data": "resultData",
-}
-
-
-def _camel(report: dict[str, Any]) -> dict[str, Any]:
-    """A report's keys as ``task_backend_reports`` takes them (``result_uri`` -> ``resultUri``)."""
-    return {_REPORT_KEYS[key]: value for key, value in report.items()}
-
-
 class TaskFailed(NodeError):
     """A task ended with an error; the message is its provider's (or the requester's) reason."""
 
@@ -234,7 +220,7 @@ class _Worker:
                 time.perf_counter() - started,
                 f": {report['error']}" if report.get("error") else "",
             )
-            self.reports.put((backend_id, {"jobId": job["jobId"], **_camel(report)}))
+            self.reports.put((backend_id, {"job_id": job["jobId"], **report}))
 
     def _report(self) -> None:
         while True:

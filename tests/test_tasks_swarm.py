@@ -899,16 +899,16 @@ async def test_a_worker_reports_several_jobs_in_one_call_each_checked(tmp_path: 
                 uri, _ = store_result(node.home, json.loads(data))
                 reports.append(
                     {
-                        "jobId": job["jobId"],
+                        "job_id": job["jobId"],
                         "status": "finished",
-                        "resultUri": uri,
-                        "resultKind": "json",
-                        "resultData": base64.b64encode(data).decode(),
+                        "result_uri": uri,
+                        "result_kind": "json",
+                        "result_data": base64.b64encode(data).decode(),
                     }
                 )
-            forged = dict(reports[1], resultData=base64.b64encode(b"5").decode())
+            forged = dict(reports[1], result_data=base64.b64encode(b"5").decode())
             answers = await service.task_backend_reports(
-                backend_id, [reports[0], forged, {"jobId": "j-none", "status": "finished"}]
+                backend_id, [reports[0], forged, {"job_id": "j-none", "status": "finished"}]
             )
             assert answers[0] == {"jobId": jobs[0]["jobId"], "status": "finished"}
             assert answers[1]["error"]["type"] == "InvalidInput"
