@@ -79,6 +79,7 @@ from kachery.protocol.tasks import (
     check_function_id,
     choose_provider,
     clip_error,
+    is_inline_result,
     parse_task_type,
 )
 from kachery.protocol.uri import ChunkOf, FileURI, parse_file_uri
@@ -558,7 +559,7 @@ class TaskService:
         data = record.result_data
         if data is not None:
             sha1 = parse_file_uri(record.result_uri).sha1
-            if len(data) <= INLINE_RESULT_BYTES and hashlib.sha1(data).hexdigest() == sha1:
+            if is_inline_result(data, sha1):
                 return record, len(data), data
             log.warning("the result %s kept in the database is corrupt; forgotten", sha1)
             self.store.forget_result(task_id, kwargs_digest, task_type)
@@ -972,7 +973,7 @@ class TaskService:
             data = base64.b64decode(encoded, validate=True)
         except ValueError:
             raise InvalidInput("resultData is not base64") from None
-        if len(data) > INLINE_RESULT_BYTES or hashlib.sha1(data).hexdigest() != sha1:
+        if not is_inline_result(data, sha1):
             raise InvalidInput(f"resultData does not match the result's URI sha1://{sha1}")
         return len(data), data
 
@@ -1508,7 +1509,7 @@ class TaskService:
         """
         parsed = parse_file_uri(record.result_uri)
         if data is not None:
-            if hashlib.sha1(data).hexdigest() != parsed.sha1:  # the decoder checked: a bug guard
+            if not is_inline_result(data, parsed.sha1):  # the decoder checked: a bug guard
                 raise Unavailable(f"the inline result of {parsed} does not match its hash")
             await self._save_result(replace(record, result_data=data))
             self.stats.results_inline += 1

@@ -33,7 +33,6 @@ for that) and killing a hung task (its request times out; restart the worker).
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import os
@@ -58,6 +57,7 @@ from kachery.protocol.tasks import (
     check_kwargs,
     check_request_id,
     clip_error,
+    is_inline_result,
     parse_task_type,
 )
 from kachery.protocol.uri import parse_file_uri
@@ -520,7 +520,7 @@ def load_result(uri: str | None, kind: str | None, data: str | None = None) -> A
     parsed = parse_file_uri(uri)
     if data is not None:
         raw = base64.b64decode(data, validate=True)
-        if hashlib.sha1(raw).hexdigest() != parsed.sha1:
+        if not is_inline_result(raw, parsed.sha1):
             raise NodeError(f"the daemon's copy of the result {uri} does not match its hash")
     else:
         home = NodeHome.shared()

@@ -70,6 +70,13 @@ INLINE_RESULT_BYTES = 4096
 (``resultData``, checked against the URI's SHA-1 on decoding), sparing the requester a find and a
 fetch; most results are a few bytes of JSON. 500 updates of this size fit a frame."""
 
+
+def is_inline_result(data: bytes, sha1: str) -> bool:
+    """Whether ``data`` may stand for a result's file: at most INLINE_RESULT_BYTES, hashing to
+    ``sha1``. Checked wherever such bytes arrive or are read back (wire, worker, database)."""
+    return len(data) <= INLINE_RESULT_BYTES and hashlib.sha1(data).hexdigest() == sha1
+
+
 MAX_ANNOUNCED_FUNCTIONS = 1000
 """Functions one node may announce in a channel."""
 
@@ -332,7 +339,7 @@ def _check_result(
         raise _bad(f"{name}.resultData is the bytes of the result, resultSize of them")
     if len(data) > INLINE_RESULT_BYTES:
         raise _bad(f"{name}.resultData is over {INLINE_RESULT_BYTES} bytes")
-    if parsed.chunk_of is not None or hashlib.sha1(data).hexdigest() != parsed.sha1:
+    if parsed.chunk_of is not None or not is_inline_result(data, parsed.sha1):
         raise _bad(f"{name}.resultData does not hash to its resultUri")
 
 

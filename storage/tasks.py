@@ -15,7 +15,6 @@ Non-goals: the result files themselves (the blob store) and deciding anything (n
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from sqlalchemy import Row, delete, select
 from sqlalchemy.engine import Connection
 
 from kachery.protocol.errors import InvalidInput
+from kachery.protocol.tasks import is_inline_result
 
 from . import schema
 from .db import Database
@@ -119,7 +119,7 @@ class TaskStore:
             ).all()
         for row in rows:
             data = bytes(row.result_data)
-            if hashlib.sha1(data).hexdigest() == sha1:
+            if is_inline_result(data, sha1):
                 return data
         return None
 
