@@ -16,7 +16,7 @@ Non-goals: the result files themselves (the blob store) and deciding anything (n
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from sqlalchemy import Row, delete, select
 from sqlalchemy.engine import Connection
@@ -159,23 +159,7 @@ class TaskStore:
                         t.c.task_type == result.task_type,
                     )
                 )
-            conn.execute(
-                t.insert(),
-                [
-                    {
-                        "task_id": r.task_id,
-                        "kwargs_digest": r.kwargs_digest,
-                        "task_type": r.task_type,
-                        "function_id": r.function_id,
-                        "result_uri": r.result_uri,
-                        "result_kind": r.result_kind,
-                        "source": r.source,
-                        "finished_at": r.finished_at,
-                        "result_data": r.result_data,
-                    }
-                    for r in latest.values()
-                ],
-            )
+            conn.execute(t.insert(), [asdict(r) for r in latest.values()])  # fields = columns
 
     def forget_result(self, task_id: str, kwargs_digest: str, task_type: str) -> None:
         """Drop a record (its file is no longer in the store)."""
