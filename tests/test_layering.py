@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,15 @@ def test_the_check_catches_a_forbidden_import(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("import trio\nfrom sqlalchemy import select\nfrom kachery.node import cli\n")
     assert imported_modules(bad) >= {"trio", "sqlalchemy", "kachery.node"}
+
+
+@pytest.mark.parametrize("package", ["kachery.node", "kachery.storage"])
+def test_every_lazily_exported_name_is_listed_and_resolves(package: str) -> None:
+    """A package's exports are written three times (imports for the type checker, ``__all__``,
+    and the lazy table): a name missing from the table would fail only when first used."""
+    module = importlib.import_module(package)
+    homes = vars(module)["_HOMES"]
+    assert sorted(homes) == sorted(module.__all__)
+    for name in module.__all__:
+        value = getattr(module, name)
+        assert importlib.import_module(homes[name], package).__dict__[name] is value
