@@ -24,6 +24,7 @@ Non-goal: the wire format and the plan (kachery.protocol.files), the blob store 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import logging
@@ -54,12 +55,13 @@ from kachery.protocol.manifest import HashResult, Manifest
 from kachery.protocol.messages import MsgType
 from kachery.protocol.session import DataBlock, DataReceived
 from kachery.protocol.uri import FileURI, parse_file_uri
-from kachery.storage.errors import NotFound
+from kachery.storage.errors import NotFound, StorageError, StoreFull
 from kachery.storage.files import FileEntry
 
 from .api import StreamResult, exposed
 from .errors import NotPermitted, Unavailable, lone_error
 from .peer import PeerConnection, RequestFailed
+from .progress import format_bytes
 
 if TYPE_CHECKING:
     from .daemon import Node
@@ -463,8 +465,28 @@ class FileService:
             if len(wanted) == len(pieces):
                 wanted = None
         plan = DownloadPlan(pieces, set(record.verified), [p.node_id for p in providers], wanted)
+        await self._check_space(uri, plan, kept=bool(record.verified))
         run = _Download(self, uri, size, manifest, plan, {p.node_id: p for p in providers}, only)
         return await run.run(progress)
+
+    async def _check_space(self, uri: FileURI, plan: DownloadPlan, *, kept: bool) -> None:
+        """Refuse a download the disk cannot hold before fetching anything (a download with
+        nothing verified yet leaves nothing behind).
+
+        Raises:
+            StoreFull: the pieces still wanted need more than the free space.
+        """
+        needed = sum(plan.pieces[i].size for i in plan.wanted - plan.verified)
+        free = await self.node.run_sync(self.downloads.free_bytes)
+        if needed <= free:
+            return
+        if not kept:
+            await self.node.run_sync(self.downloads.forget, uri.sha1)
+        raise StoreFull(
+            f"not enough space to load {uri}: it needs {format_bytes(needed)} more in"
+            f" {self.downloads.partial_dir}, which has {format_bytes(free)} free; free some space"
+            " and load it again"
+        )
 
     async def fetch_range(self, uri: FileURI, start: int, end: int | None) -> tuple[Path, int, int]:
         """Make the bytes ``[start, end)`` of a file readable on this node, fetching only the
@@ -679,6 +701,9 @@ class _Download:
         self._in_memory: dict[int, list[memoryview]] = {}
         """Verified pieces kept for the whole-file hash (so it need not read them back)."""
         self.errors: list[str] = []
+        self.failure: KacheryError | None = None
+        """Why the download stopped early (writing to the disk failed), if it did."""
+        self._scope: trio.CancelScope | None = None
 
     def _wake(self) -> None:
         """Wake every task waiting in ``self.changed.wait()`` (they re-check their condition)."""
@@ -702,6 +727,7 @@ class _Download:
         fd = os.open(self.path, os.O_RDWR)
         try:
             async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
                 if self.manifest is not None and whole_file:
                     nursery.start_soon(self._hash_whole, fd)
                 if progress is not None:
@@ -717,6 +743,8 @@ class _Download:
             raise lone_error(group) from None
         finally:
             os.close(fd)
+        if self.failure is not None:
+            raise self.failure
         if not whole_file:
             return None
         whole = self.whole if self.manifest is not None else self.plan.pieces[0].sha1
@@ -809,7 +837,11 @@ class _Download:
             )
             return
         self.fetched_bytes += piece.size
-        await trio.to_thread.run_sync(_write_piece, fd, piece.start, receiver.frames)
+        try:
+            await trio.to_thread.run_sync(_write_piece, fd, piece.start, receiver.frames)
+        except OSError as exc:
+            self._stop_writing(exc)
+            return
         for other in self.plan.piece_verified(piece.index):
             other_scope = self.scopes.get((other, piece.index))
             if other_scope is not None:
@@ -824,7 +856,11 @@ class _Download:
             while not self.unsynced:
                 await self.changed.wait()
             batch, self.unsynced = self.unsynced, set()
-            await trio.to_thread.run_sync(os.fdatasync, fd)
+            try:
+                await trio.to_thread.run_sync(os.fdatasync, fd)
+            except OSError as exc:
+                self._stop_writing(exc)  # the batch may not be on disk: it is not recorded
+                return
             self.recorded |= batch
             await self.node.run_sync(
                 self.service.downloads.mark_verified,
@@ -833,6 +869,26 @@ class _Download:
                 len(self.plan.pieces),
             )
             self._wake()
+
+    def _stop_writing(self, exc: OSError) -> None:
+        """Writing to the partial file failed (a full disk, an I/O error): stop the download,
+        keeping the pieces already recorded, and let ``run`` raise why."""
+        if self.failure is None:
+            kept = (
+                f"{len(self.recorded)} of {len(self.plan.pieces)} pieces are verified and kept in"
+                f" {self.path}"
+            )
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.failure = StoreFull(
+                    f"no space left on the device while loading {self.uri}: {kept}; free some"
+                    " space and run the same load again to resume"
+                )
+            else:
+                self.failure = StorageError(
+                    f"cannot write the download of {self.uri}: {exc.strerror}; {kept}"
+                )
+        assert self._scope is not None
+        self._scope.cancel()
 
     def _keep_for_hash(self, index: int, frames: list[memoryview]) -> None:
         """Keep a verified piece in memory for the whole-file hash, if there is room."""

@@ -8,6 +8,7 @@ without fetching a verified piece again. Non-goal: fetching (node/files.py).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,11 @@ class Downloads:
 
     def partial_path(self, sha1: str) -> Path:
         return self.partial_dir / f"{sha1}.part"
+
+    def free_bytes(self) -> int:
+        """The space this user may still fill on the partial files' filesystem."""
+        st = os.statvfs(self.partial_dir)
+        return st.f_bavail * st.f_frsize
 
     def get(self, sha1: str) -> DownloadRecord | None:
         """The record of a download, if its partial file is still there."""

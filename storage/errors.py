@@ -4,7 +4,7 @@
     └── StorageError              the local store or database could not do what was asked
         ├── NotFound              no such file, feed, task or key here
         ├── AlreadyExists         refusing to overwrite (``set(..., update=False)``)
-        ├── StoreFull             the disk (or quota) is full; nothing partial was kept
+        ├── StoreFull             the disk (or quota) is full; nothing unverified is kept
         ├── SourceUnreadable      the file to store is missing, a directory, or unreadable
         ├── SourceChanged         the file changed while it was being stored or served by link
         ├── CorruptData           stored bytes do not hash to their name
@@ -35,7 +35,8 @@ class AlreadyExists(StorageError):
 
 
 class StoreFull(StorageError):
-    """No space left on the device (or quota exceeded); nothing partial was kept."""
+    """No space left on the device (or quota exceeded). Nothing unverified is kept; a download
+    keeps its verified pieces for the next attempt."""
 
 
 class SourceUnreadable(StorageError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 import trio
 
+from kachery.node import files as files_module
 from kachery.node.daemon import Node
 from kachery.node.errors import NotPermitted, Unavailable
 from kachery.node.files import FileService, _read_blocks, _write_piece
@@ -18,7 +20,8 @@ from kachery.protocol import FileURI
 from kachery.protocol.channel import Role
 from kachery.protocol.files import DATA_FRAME_BYTES, FindFile
 from kachery.protocol.messages import DocRequest
-from kachery.storage import NotFound
+from kachery.storage import NotFound, StoreFull
+from kachery.storage.downloads import Downloads
 from kachery.storage.files import FileEntry
 
 from .swarm import WAIT, channel_of, swarm, wait
@@ -241,6 +244,55 @@ async def test_a_downloader_stopped_halfway_resumes_after_restart(tmp_path: Path
         resent = files_of(provider).bytes_uploaded - served_before
         remaining = 100_000_000 - verified * PIECE
         assert resent <= remaining + PIECE
+
+
+async def test_a_load_the_disk_cannot_hold_is_refused_before_fetching(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with swarm(tmp_path) as s:
+        provider, downloader = await channel_of(s, ["provider", "downloader"])
+        entry, _ = store_random(provider, tmp_path, 45_000_000)
+        monkeypatch.setattr(Downloads, "free_bytes", lambda self: 30_000_000)
+        with pytest.raises(StoreFull, match=r"needs 42\.9 MiB more .* which has 28\.6 MiB free"):
+            await files_of(downloader).download(entry.uri())
+        assert nothing_partial(downloader)
+        assert files_of(provider).bytes_uploaded < 100_000  # the manifest, no piece
+        # A range needs room only for the pieces that cover it.
+        assert await files_of(downloader).fetch_range(entry.uri(), 0, 1000)
+
+
+async def test_a_disk_that_fills_up_mid_load_keeps_the_verified_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    full = True
+    written: list[int] = []
+    real_write = files_module._write_piece
+
+    def write(fd: int, offset: int, frames: list[memoryview]) -> None:
+        if full and offset >= 2 * PIECE:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(fd, offset, frames)
+        written.append(offset)
+
+    monkeypatch.setattr(files_module, "_write_piece", write)
+    async with swarm(tmp_path) as s:
+        provider, downloader = await channel_of(s, ["provider", "downloader"])
+        entry, data = store_random(provider, tmp_path, 100_000_000)
+        service = files_of(downloader)
+        with pytest.raises(StoreFull, match=r"pieces are verified and kept .* to resume"):
+            await service.download(entry.uri())
+        assert downloader.home.files.get(entry.sha1) is None  # nothing unverified landed
+        record = downloader.home.downloads.get(entry.sha1)
+        assert record is not None
+        assert record.verified <= {0, 1}
+        partial = downloader.home.downloads.partial_path(entry.sha1).read_bytes()
+        for i in record.verified:
+            assert partial[i * PIECE : (i + 1) * PIECE] == data[i * PIECE : (i + 1) * PIECE]
+        full = False
+        written.clear()
+        got = await service.download(entry.uri())
+        assert got.path.read_bytes() == data
+        assert sorted(written) == [i * PIECE for i in range(5) if i not in record.verified]
 
 
 async def test_changing_a_members_roles_takes_effect_everywhere(tmp_path: Path) -> None:
