@@ -54,7 +54,7 @@ import trio
 
 from kachery.protocol.channel import Role
 from kachery.protocol.errors import CloseCode, InvalidInput, KacheryError
-from kachery.protocol.feed_gossip import PenaltyBox, Pull, SubfeedGossip
+from kachery.protocol.feed_gossip import Pull, SubfeedGossip
 from kachery.protocol.feed_messages import (
     MAX_BATCH_BYTES,
     MAX_BATCH_CHECKPOINTS,
@@ -91,6 +91,7 @@ from kachery.protocol.feeds import (
 from kachery.protocol.identity import SEED_BYTES, SIGNATURE_BYTES, KeyPair, public_key_from_id
 from kachery.protocol.kachery_json import JSONValue
 from kachery.protocol.messages import Message, MsgType, camel_case
+from kachery.protocol.penalties import PenaltyBox
 from kachery.protocol.uri import FeedURI, parse_feed_uri, subfeed_hash
 from kachery.storage.errors import AlreadyExists, NotFound
 from kachery.storage.feeds import FeedStore, Rows, WriteBusy

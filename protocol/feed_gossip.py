@@ -16,8 +16,7 @@ Duplicate suppression: a node records what each peer is known to hold (from what
 pushed, or was pushed) and never pushes it anything below that; what arrives twice is dropped by
 number and signature (node/feeds.py). A peer whose history forks from ours is never pulled from.
 
-``PenaltyBox`` counts a peer's offences (invalid feed data); past PENALTY_THRESHOLD the session is
-closed and the peer's feed traffic is refused for BAN_SECONDS.
+A peer that sends invalid feed data is penalised (``kachery.protocol.penalties.PenaltyBox``).
 
 Sans-I/O: times are arguments (``now``, seconds on any monotonic clock); the node carries out
 what the plans say. Non-goals: sockets, storage, and checking messages (feeds.py).
@@ -47,12 +46,6 @@ PULL_GRACE = 0.005
 
 LIVE_GAP = 64
 """A gap of more messages than this is catch-up: pulled at once, without grace."""
-
-PENALTY_THRESHOLD = 3
-"""Offences (invalid feed data) after which a peer's session is closed and it is banned..."""
-
-BAN_SECONDS = 600.0
-"""...for this long: its pushes, announcements and answers are ignored meanwhile."""
 
 
 @dataclass(slots=True)
@@ -307,43 +300,3 @@ class SubfeedGossip:
             self._behind_since = None
             return PullPlan(pull=Pull(best.node_id, best.channel, count, best.known, graft=True))
         return PullPlan(wake_at=due)
-
-
-class PenaltyBox:
-    """Offences per peer, and bans.
-
-    Args:
-        threshold: offences that close the session and ban the peer.
-        ban_seconds: how long a ban lasts.
-    """
-
-    def __init__(
-        self, *, threshold: int = PENALTY_THRESHOLD, ban_seconds: float = BAN_SECONDS
-    ) -> None:
-        self.threshold = threshold
-        self.ban_seconds = ban_seconds
-        self.offences: dict[str, int] = {}
-        self._banned_until: dict[str, float] = {}
-
-    def offence(self, peer: str, now: float) -> bool:
-        """Record one offence by ``peer``; True if it must now be cut off (and it is banned)."""
-        count = self.offences.get(peer, 0) + 1
-        self.offences[peer] = count
-        if count >= self.threshold:
-            self._banned_until[peer] = now + self.ban_seconds
-            self.offences[peer] = 0
-            return True
-        return False
-
-    def banned(self, peer: str, now: float) -> bool:
-        """True while ``peer`` serves a ban."""
-        until = self._banned_until.get(peer)
-        if until is None:
-            return False
-        if now >= until:
-            del self._banned_until[peer]
-            return False
-        return True
-
-    def banned_peers(self, now: float) -> frozenset[str]:
-        return frozenset(p for p in list(self._banned_until) if self.banned(p, now))

@@ -7,7 +7,6 @@ import pytest
 from kachery.protocol.errors import RemoteProtocolError
 from kachery.protocol.feed_gossip import (
     Have,
-    PenaltyBox,
     Pull,
     Push,
     SubfeedGossip,
@@ -21,6 +20,7 @@ from kachery.protocol.feed_messages import (
     FeedSubscribe,
 )
 from kachery.protocol.messages import decode_message, encode_message
+from kachery.protocol.penalties import PenaltyBox
 
 CH = "c" * 64
 FEED = "f" * 64
