@@ -53,6 +53,7 @@ from kachery.protocol.files import (
 )
 from kachery.protocol.manifest import HashResult, Manifest
 from kachery.protocol.messages import MsgType
+from kachery.protocol.penalties import PenaltyBox
 from kachery.protocol.session import DataBlock, DataReceived
 from kachery.protocol.uri import FileURI, parse_file_uri
 from kachery.storage.errors import NotFound, StorageError, StoreFull
@@ -88,9 +89,6 @@ FIND_CACHE_SECONDS = 10.0
 
 STALL_SECONDS = 30.0
 """A piece request that receives nothing for this long is abandoned (the provider stalled)."""
-
-PENALTY_LIMIT = 3
-"""Corrupt pieces from one peer after which its session is closed."""
 
 PROGRESS_SECONDS = 0.25
 """Interval of progress events of a streaming load."""
@@ -181,7 +179,8 @@ class FileService:
         self._receivers: dict[tuple[str, int], _Receiver] = {}
         self._streams = itertools.count(1)
         self._find_cache: dict[str, tuple[float, list[Provider]]] = {}
-        self._penalties: dict[str, int] = {}
+        self.penalties = PenaltyBox()
+        """Corrupt pieces (or chunks) sent by each peer; at the threshold, a ban from finds."""
         self._active: dict[str, trio.Event] = {}
         self.limiter = None if not max_upload_rate else TokenBucket(max_upload_rate)
         self.find_wait = FIND_WAIT
@@ -303,7 +302,8 @@ class FileService:
                 self._find_cache[sha1] = (time.monotonic(), found)
         if only is not None:
             found = [p for p in found if p.node_id == only]
-        return [p for p in found if self._penalties.get(p.node_id, 0) < PENALTY_LIMIT]
+        banned = self.penalties.banned_peers(trio.current_time())
+        return [p for p in found if p.node_id not in banned]
 
     def _candidates(self) -> list[str]:
         return [n for n, conn in self.node.connections.items() if self._asking_channels(conn)]
@@ -405,10 +405,12 @@ class FileService:
             await conn.send(CancelData(stream=stream))
 
     def _penalise(self, node_id: str, reason: str) -> None:
-        count = self._penalties[node_id] = self._penalties.get(node_id, 0) + 1
-        log.warning("%s... %s (offence %d)", node_id[:16], reason, count)
+        """An offence: ``node_id`` sent bytes that are provably not what was asked for."""
+        banned = self.penalties.offence(node_id, trio.current_time())
+        ban = f": not asked for {self.penalties.ban_seconds:.0f} s" if banned else ""
+        log.warning("%s... %s%s", node_id[:16], reason, ban)
         conn = self.node.connections.get(node_id)
-        if count >= PENALTY_LIMIT and conn is not None:
+        if banned and conn is not None:
             self.node.nursery.start_soon(
                 conn.close, CloseCode.PROTOCOL_ERROR, "sent corrupt data repeatedly"
             )
@@ -642,7 +644,8 @@ class FileService:
         return {
             "bytesUploaded": self.bytes_uploaded,
             "downloading": sorted(self._active),
-            "penalties": dict(self._penalties),
+            "penalties": dict(self.penalties.offences),
+            "banned": sorted(self.penalties.banned_peers(trio.current_time())),
         }
 
     @exposed

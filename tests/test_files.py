@@ -178,7 +178,7 @@ async def test_a_provider_serving_corrupt_bytes_is_dropped_and_nothing_corrupt_l
         service = files_of(downloader)
         got = await service.download(entry.uri())
         assert got.path.read_bytes() == data
-        assert service._penalties.get(bad.node_id, 0) >= 1
+        assert service.penalties.offences.get(bad.node_id, 0) >= 1
         assert nothing_partial(downloader)
 
 
