@@ -336,14 +336,38 @@ class FileService:
                     nursery.start_soon(ask, conn, channels[0])
         return sorted(found, key=lambda p: p.node_id)
 
-    def _not_found(self, uri: FileURI) -> NotFound:
+    def _node_named(self, name: str) -> str:
+        """The connected node whose ID starts with ``name`` (as ``peers`` prints them), if
+        exactly one does; else ``name`` itself (a full ID, or one that finds nobody)."""
+        matches = [n for n in self.node.connections if n.startswith(name.lower())]
+        return matches[0] if len(matches) == 1 else name
+
+    def _not_found(self, uri: FileURI, only: str | None = None) -> NotFound:
+        """The error for a file no usable provider has, saying whom it asked."""
+        banned = self.penalties.banned_peers(trio.current_time())
+        if only is not None:
+            if only in banned:
+                why = "is not asked for a while: it sent corrupt data repeatedly"
+            elif only not in self.node.connections:
+                why = "is not connected to this node (see 'kachery-node peers')"
+            elif only not in self._candidates():
+                why = (
+                    "does not provide files (role provideFiles) in a channel shared with this node"
+                )
+            else:
+                why = "does not have it"
+            return NotFound(f"{uri}: node {only[:16]}... {why}")
         channels = ", ".join(
             self.node.membership.name_of(c) for c in self.node.membership.active_channels()
         )
-        asked = len(self._candidates())
+        candidates = self._candidates()
+        asked = len(candidates) - len(banned.intersection(candidates))
+        detail = (
+            f" ({len(banned)} more sent corrupt data and are not asked for now)" if banned else ""
+        )
         return NotFound(
             f"{uri} was not found in channel {channels or '(none)'}: none of the {asked} connected"
-            " peers that provide files has it"
+            f" peers that provide files has it{detail}"
         )
 
     # -- fetching bytes ------------------------------------------------------------------------
@@ -446,12 +470,22 @@ class FileService:
     ) -> FileEntry | None:
         providers = await self.find(uri.sha1, only=only)
         if not providers:
-            raise self._not_found(uri)
+            raise self._not_found(uri, only)
         size = providers[0].size
         manifest_sha1 = uri.manifest_sha1 or providers[0].manifest_sha1
         manifest = None
         if manifest_sha1 is not None:
-            manifest = await self._manifest(manifest_sha1, only)
+            try:
+                manifest = await self._manifest(manifest_sha1, only)
+            except NotFound:
+                named = (
+                    "the URI's manifest=" if uri.manifest_sha1 else "the manifest providers name,"
+                )
+                raise NotFound(
+                    f"{named} sha1://{manifest_sha1}, was not found, though {len(providers)}"
+                    f" member(s) provide sha1://{uri.sha1}: check the URI (loading"
+                    f" sha1://{uri.sha1} without manifest= uses the providers' manifest)"
+                ) from None
             if manifest.sha1 != uri.sha1:
                 raise InvalidInput(
                     f"the manifest of {uri} describes another file ({manifest.sha1})"
@@ -568,7 +602,7 @@ class FileService:
             raise InvalidInput(f"a chunk URI names at most {MAX_GET_BYTES} bytes, not {size}")
         providers = await self.find(chunk.file_sha1, only=only)
         if not providers:
-            raise self._not_found(uri)
+            raise self._not_found(uri, only)
         piece = Piece(0, chunk.start, chunk.end, uri.sha1)
         errors = []
         for provider in providers:
@@ -577,14 +611,51 @@ class FileService:
             except KacheryError as exc:
                 errors.append(str(exc))
                 continue
-            data = receiver.data()
-            if await trio.to_thread.run_sync(receiver.digest) != uri.sha1:
+            digest = await trio.to_thread.run_sync(receiver.digest)
+            if digest == uri.sha1:
+                return await self.node.run_sync(self.files.store_bytes, receiver.data())
+            # Either the provider lied or the URI is wrong (a typo, a chunk of another file):
+            # only the file's manifest can tell, if one of its pieces is exactly this range.
+            expected = await self._piece_hash(chunk.file_sha1, chunk.start, chunk.end, provider)
+            if expected is not None and digest != expected:
                 self._penalise(
-                    provider.node_id, f"sent a chunk of {chunk.file_sha1} that fails its hash"
+                    provider.node_id, f"sent a chunk of {chunk.file_sha1} failing its hash"
                 )
-                continue
-            return await self.node.run_sync(self.files.store_bytes, data)
-        raise Unavailable(f"could not fetch {uri}: " + "; ".join(errors or ["corrupt data"]))
+            if expected is not None and expected != uri.sha1:
+                raise InvalidInput(
+                    f"{uri} is wrong: bytes {chunk.start}..{chunk.end} of sha1://{chunk.file_sha1}"
+                    f" hash to {expected} (its manifest says so), not {uri.sha1}"
+                )
+            errors.append(
+                f"{provider.node_id[:16]}... sent bytes hashing to {digest}"
+                + (
+                    " (it is penalised: the file's manifest gives the URI's hash)"
+                    if expected
+                    else ""
+                )
+            )
+        raise Unavailable(
+            f"could not fetch {uri}: "
+            + "; ".join(errors)
+            + ". Nothing was stored; if no provider sent the URI's hash, check the URI"
+        )
+
+    async def _piece_hash(
+        self, file_sha1: str, start: int, end: int, provider: Provider
+    ) -> str | None:
+        """The SHA-1 that the manifest of ``file_sha1`` gives its piece ``[start, end)``, or None
+        if the file has no manifest, it cannot be fetched, or no piece is exactly that range."""
+        if provider.manifest_sha1 is None:
+            return None
+        try:
+            manifest = await self._manifest(provider.manifest_sha1, None)
+        except KacheryError as exc:
+            log.debug("no manifest to check a chunk of %s against: %s", file_sha1[:12], exc)
+            return None
+        if manifest.sha1 != file_sha1:
+            return None
+        pieces = pieces_of(manifest.size, manifest.sha1, manifest)
+        return next((p.sha1 for p in pieces if (p.start, p.end) == (start, end)), None)
 
     # -- local API -----------------------------------------------------------------------------
 
@@ -619,7 +690,8 @@ class FileService:
 
         async def fetch() -> None:
             async with send:
-                result.append(await self.download(parsed, only=from_node, progress=progress))
+                only = None if from_node is None else self._node_named(from_node)
+                result.append(await self.download(parsed, only=only, progress=progress))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fetch)

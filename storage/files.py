@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 from sqlalchemy import Connection, Row, delete, func, select
 
+from kachery.protocol.errors import InvalidInput
 from kachery.protocol.manifest import HashResult, Manifest
 from kachery.protocol.uri import FileURI
 
@@ -215,11 +216,22 @@ class LocalFiles:
     def locate(self, uri: FileURI) -> tuple[Path, int, int] | None:
         """Where the bytes a URI names are on this node: (file, start, end), or None.
 
-        A chunk URI is read from the whole file if it is here, else from the chunk's own blob.
+        A chunk URI is read from the whole file if it is here (once its bytes there are checked
+        against the chunk's SHA-1), else from the chunk's own blob.
+
+        Raises:
+            InvalidInput: the whole file is here and the chunk's bytes in it do not hash to the
+                URI's SHA-1: the URI is wrong.
         """
         if uri.chunk_of is not None:
             whole = self.get(uri.chunk_of.file_sha1)
             if whole is not None and uri.chunk_of.end <= whole.size:
+                got = _hash_range(whole.path, uri.chunk_of.start, uri.chunk_of.end)
+                if got != uri.sha1:
+                    raise InvalidInput(
+                        f"{uri} is wrong: bytes {uri.chunk_of.start}..{uri.chunk_of.end} of"
+                        f" sha1://{uri.chunk_of.file_sha1} (stored here) hash to {got}"
+                    )
                 return whole.path, uri.chunk_of.start, uri.chunk_of.end
         entry = self.get(uri.sha1)
         return None if entry is None else (entry.path, 0, entry.size)
@@ -380,3 +392,18 @@ def _stat(path: Path) -> os.stat_result:
         raise SourceUnreadable(f"{path}: no such file") from None
     except OSError as exc:
         raise SourceUnreadable(f"{path}: {exc.strerror}") from None
+
+
+def _hash_range(path: Path, start: int, end: int) -> str:
+    """The SHA-1 of bytes ``[start, end)`` of a file (read in blocks)."""
+    hasher = hashlib.sha1()
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        left = end - start
+        while left > 0:
+            block = f.read(min(BLOCK_SIZE, left))
+            if not block:
+                raise SourceChanged(f"{path} ends before byte {end}")
+            hasher.update(block)
+            left -= len(block)
+    return hasher.hexdigest()

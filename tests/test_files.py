@@ -13,11 +13,13 @@ import pytest
 import trio
 
 from kachery.node import files as files_module
+from kachery.node.api import StreamResult
 from kachery.node.daemon import Node
 from kachery.node.errors import NotPermitted, Unavailable
 from kachery.node.files import FileService, _read_blocks, _write_piece
-from kachery.protocol import FileURI
+from kachery.protocol import FileURI, parse_file_uri
 from kachery.protocol.channel import Role
+from kachery.protocol.errors import InvalidInput
 from kachery.protocol.files import DATA_FRAME_BYTES, FindFile
 from kachery.protocol.messages import DocRequest
 from kachery.storage import NotFound, StoreFull
@@ -71,9 +73,6 @@ async def test_small_files_and_chunk_uris_fetch_only_what_they_name(tmp_path: Pa
         big, big_data = store_random(provider, tmp_path, 45_000_000, "big.bin")
         before = files_of(provider).bytes_uploaded
         tail = big_data[40_000_000:]
-        chunk = FileURI.__new__(FileURI)
-        from kachery.protocol import parse_file_uri
-
         chunk = parse_file_uri(
             f"sha1://{hashlib.sha1(tail).hexdigest()}?chunkOf={big.sha1}~40000000~45000000"
         )
@@ -81,6 +80,76 @@ async def test_small_files_and_chunk_uris_fetch_only_what_they_name(tmp_path: Pa
         assert got_chunk.path.read_bytes() == tail
         assert files_of(provider).bytes_uploaded - before == 5_000_000
         assert downloader.home.files.get(big.sha1) is None
+
+
+def chunk_uri(data: bytes, whole: FileEntry, start: int, end: int) -> FileURI:
+    sha1 = hashlib.sha1(data[start:end]).hexdigest()
+    return parse_file_uri(f"sha1://{sha1}?chunkOf={whole.sha1}~{start}~{end}")
+
+
+async def test_a_wrong_chunk_uri_is_the_uris_fault_not_the_providers(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        provider, downloader = await channel_of(s, ["provider", "downloader"])
+        service = files_of(downloader)
+        small, small_data = store_random(provider, tmp_path, 3000, "small.bin")
+        typo = parse_file_uri(f"sha1://{'2' * 40}?chunkOf={small.sha1}~0~100")
+        for _ in range(3):  # no manifest to judge by: nobody is blamed
+            with pytest.raises(Unavailable, match=r"sent bytes hashing to .* check the URI"):
+                await service.download(typo)
+        big, big_data = store_random(provider, tmp_path, 45_000_000, "big.bin")
+        # A piece of a file with a manifest: the manifest shows the URI is wrong.
+        wrong_piece = parse_file_uri(f"sha1://{'3' * 40}?chunkOf={big.sha1}~0~{PIECE}")
+        with pytest.raises(InvalidInput, match=r"is wrong: .* \(its manifest says so\)"):
+            await service.download(wrong_piece)
+        assert service.penalties.offences == {}
+        assert provider.node_id in downloader.connections
+        # The honest provider still serves everything.
+        right = chunk_uri(big_data, big, PIECE, 2 * PIECE)
+        assert (await service.download(right)).path.read_bytes() == big_data[PIECE : 2 * PIECE]
+        assert (await service.download(small.uri())).path.read_bytes() == small_data
+
+
+async def test_a_provider_lying_about_a_chunk_is_penalised(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        bad, downloader = await channel_of(s, ["bad", "downloader"])
+        entry, data = store_random(bad, tmp_path, 45_000_000)
+        entry.path.chmod(0o644)
+        with entry.path.open("r+b") as f:  # its disk rots inside piece 1
+            f.seek(PIECE + 10)
+            f.write(b"\xff" * 10)
+        service = files_of(downloader)
+        with pytest.raises(Unavailable, match="it is penalised"):
+            await service.download(chunk_uri(data, entry, PIECE, 2 * PIECE))
+        assert service.penalties.offences == {bad.node_id: 1}
+
+
+async def test_load_from_a_named_node_says_why_it_cannot(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        provider, asker, downloader = await channel_of(
+            s, ["provider", "asker", "downloader"], roles={"asker": "requestFiles"}
+        )
+        entry, _ = store_random(provider, tmp_path, 1000)
+        service = files_of(downloader)
+        service.find_wait = 0.2
+        with pytest.raises(NotFound, match=r"node deadbeefdeadbeef\.\.\. is not connected"):
+            await service.download(entry.uri(), only="deadbeef" * 8)
+        with pytest.raises(NotFound, match=r"does not provide files .* shared with this node"):
+            await service.download(entry.uri(), only=asker.node_id)
+        # As the command line passes it: a prefix of a connected node's ID, as 'peers' prints.
+        events = [e async for e in service.file_load(str(entry.uri()), provider.node_id[:16])]
+        assert isinstance(events[-1], StreamResult)
+        assert events[-1].value["size"] == 1000
+
+
+async def test_a_uri_naming_an_unknown_manifest_says_so(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        provider, downloader = await channel_of(s, ["provider", "downloader"])
+        entry, _ = store_random(provider, tmp_path, 45_000_000)
+        service = files_of(downloader)
+        service.find_wait = 0.2
+        wrong = parse_file_uri(f"sha1://{entry.sha1}/m.dat?manifest={'1' * 40}")
+        with pytest.raises(NotFound, match=r"the URI's manifest= .* 1 member.s. provide"):
+            await service.download(wrong)
 
 
 async def test_find_lists_providers_and_an_unknown_hash_is_not_found(tmp_path: Path) -> None:

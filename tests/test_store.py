@@ -13,6 +13,7 @@ from sqlalchemy import Connection, inspect, select
 
 from kachery.node.home import NodeHome
 from kachery.protocol import parse_file_uri
+from kachery.protocol.errors import InvalidInput
 from kachery.storage import (
     AlreadyExists,
     Database,
@@ -71,6 +72,21 @@ def test_a_large_file_stores_its_manifest_as_a_blob_and_no_chunk_copies(
     assert blobs_on_disk(home) == sorted([entry.sha1, manifest.manifest_sha1])
     chunk = manifest.chunks[1]
     assert home.files.read_range(entry, chunk.start, chunk.end) == data[chunk.start : chunk.end]
+
+
+def test_a_chunk_is_located_in_its_whole_file_only_if_its_bytes_match(
+    home: NodeHome, tmp_path: Path
+) -> None:
+    data = b"0123456789" * 100
+    src = tmp_path / "small.bin"
+    src.write_bytes(data)
+    entry = home.files.store_path(src)
+    right = hashlib.sha1(data[10:20]).hexdigest()
+    uri = parse_file_uri(f"sha1://{right}?chunkOf={entry.sha1}~10~20")
+    assert home.files.locate(uri) == (entry.path, 10, 20)
+    typo = parse_file_uri(f"sha1://{'0' * 40}?chunkOf={entry.sha1}~10~20")
+    with pytest.raises(InvalidInput, match=f"is wrong: bytes 10..20 of .* hash to {right}"):
+        home.files.locate(typo)
 
 
 def test_store_from_a_stream_of_unknown_length(home: NodeHome) -> None:
