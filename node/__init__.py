@@ -4,8 +4,9 @@ The client mirrors kachery-client. Files: ``store_file``, ``load_file``, ``load_
 ``store_json``/``load_json``, ``store_text``/``load_text``, ``store_npy``/``load_npy``.
 Mutables: ``set``/``get``. Feeds: ``create_feed``, ``load_feed``, ``get_feed_id``, ``Feed``,
 ``Subfeed`` (``append_message``, ``get_next_messages``, ``message_stream``, ``watch``).
-Tasks: ``taskfunction``, ``run_task_backend``, ``request_task`` (a ``TaskHandle``). It finds the
-node through ``$KACHERY_NODE_HOME``.
+Tasks: ``taskfunction``, ``run_task_backend``, ``request_task`` (a ``TaskHandle``). Errors are
+``KacheryError``s (``TaskFailed`` is one) whose message says what went wrong. It finds the node
+through ``$KACHERY_NODE_HOME``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING
 from kachery.protocol.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from kachery.protocol.errors import KacheryError
+
     from .feeds_client import Feed, Subfeed, create_feed, get_feed_id, load_feed, load_subfeed
     from .files_client import (
         load_bytes,
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Feed",
+    "KacheryError",
     "Subfeed",
     "TaskFailed",
     "TaskHandle",
@@ -59,6 +63,7 @@ __all__ = [
 
 _HOMES = {
     "Feed": ".feeds_client",
+    "KacheryError": "kachery.protocol.errors",
     "Subfeed": ".feeds_client",
     "TaskFailed": ".tasks_client",
     "TaskHandle": ".tasks_client",

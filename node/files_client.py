@@ -119,19 +119,38 @@ def _read(path: Path, start: int, end: int) -> bytes:
 
 
 def load_text(uri: str) -> str | None:
+    """A stored UTF-8 text, or None if the file cannot be found.
+
+    Raises:
+        InvalidInput: the file is not UTF-8 text.
+    """
     data = load_bytes(uri)
-    return None if data is None else data.decode("utf-8")
+    if data is None:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{uri} is not UTF-8 text: {exc}") from None
 
 
 def load_json(uri: str) -> Any:
-    """A stored JSON value, or None if the file cannot be found."""
+    """A stored JSON value, or None if the file cannot be found.
+
+    Raises:
+        InvalidInput: the file is not JSON.
+    """
     text = load_text(uri)
-    return None if text is None else json.loads(text)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{uri} is not JSON: {exc}") from None
 
 
 def store_npy(array: Any, basename: str | None = None) -> str:
     """Store a numpy array in .npy format (needs numpy installed)."""
-    import numpy as np
+    np = _numpy("store_npy")
 
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
@@ -140,10 +159,21 @@ def store_npy(array: Any, basename: str | None = None) -> str:
 
 def load_npy(uri: str) -> Any:
     """A stored numpy array, or None if the file cannot be found (needs numpy installed)."""
-    import numpy as np
+    np = _numpy("load_npy")
 
     data = load_bytes(uri)
     return None if data is None else np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _numpy(what: str) -> Any:
+    try:
+        import numpy
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            f"{what} needs numpy, which kachery-node does not install: pip install numpy",
+            name="numpy",
+        ) from exc
+    return numpy
 
 
 __all__ = [

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import kachery.node as kn
-from kachery.node.home import HOME_ENV
+from kachery.node.home import HOME_ENV, NodeHome
 from kachery.node.testing import EXE, Daemon
 
 PIECE = 20_000_000
@@ -96,3 +96,16 @@ def test_a_downloader_killed_halfway_resumes_and_refetches_at_most_one_piece(
     assert Path(out["path"]).stat().st_size == 200_000_000
     resent = provider.json("status")["files"]["bytesUploaded"] - stats_before
     assert resent <= 200_000_000 - verified * PIECE + PIECE
+
+
+def test_a_file_that_is_not_what_load_json_expects_raises_a_kachery_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    NodeHome.init(tmp_path / "home")
+    monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
+    not_json = kn.store_text("session notes, not JSON")
+    with pytest.raises(kn.KacheryError, match="is not JSON: Expecting value"):
+        kn.load_json(not_json)
+    not_text = kn.store_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(kn.KacheryError, match="is not UTF-8 text"):
+        kn.load_text(not_text)
