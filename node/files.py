@@ -24,7 +24,6 @@ Non-goal: the wire format and the plan (kachery.protocol.files), the blob store 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import itertools
 import logging
@@ -56,7 +55,7 @@ from kachery.protocol.messages import MsgType
 from kachery.protocol.penalties import PenaltyBox
 from kachery.protocol.session import DataBlock, DataReceived
 from kachery.protocol.uri import FileURI, parse_file_uri
-from kachery.storage.errors import NotFound, StorageError, StoreFull
+from kachery.storage.errors import NotFound, StorageError, StoreFull, is_no_space
 from kachery.storage.files import FileEntry
 
 from .api import StreamResult, exposed
@@ -478,13 +477,11 @@ class FileService:
             try:
                 manifest = await self._manifest(manifest_sha1, only)
             except NotFound:
-                named = (
-                    "the URI's manifest=" if uri.manifest_sha1 else "the manifest providers name,"
-                )
+                whose = "the URI names (manifest=)" if uri.manifest_sha1 else "providers name"
                 raise NotFound(
-                    f"{named} sha1://{manifest_sha1}, was not found, though {len(providers)}"
-                    f" member(s) provide sha1://{uri.sha1}: check the URI (loading"
-                    f" sha1://{uri.sha1} without manifest= uses the providers' manifest)"
+                    f"the manifest sha1://{manifest_sha1} that {whose} was not found, though"
+                    f" {len(providers)} member(s) provide sha1://{uri.sha1}: check the URI"
+                    f" (loading sha1://{uri.sha1} without manifest= uses the providers' manifest)"
                 ) from None
             if manifest.sha1 != uri.sha1:
                 raise InvalidInput(
@@ -953,7 +950,7 @@ class _Download:
                 f"{len(self.recorded)} of {len(self.plan.pieces)} pieces are verified and kept in"
                 f" {self.path}"
             )
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if is_no_space(exc):
                 self.failure = StoreFull(
                     f"no space left on the device while loading {self.uri}: {kept}; free some"
                     " space and run the same load again to resume"

@@ -31,7 +31,7 @@ from typing import BinaryIO
 
 from kachery.protocol.manifest import HashResult, PieceHasher
 
-from .errors import SourceChanged, SourceUnreadable, StorageError, StoreFull
+from .errors import SourceChanged, SourceUnreadable, StorageError, StoreFull, is_no_space
 
 BLOCK_SIZE = 4 * 1024 * 1024
 """Bytes read, hashed and written per step: large enough that hashlib releases the GIL and the
@@ -39,8 +39,6 @@ per-block Python overhead vanishes, small enough to keep memory flat."""
 
 Progress = Callable[[int], None]
 """Called with the number of bytes processed so far."""
-
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class BlobStore:
@@ -378,7 +376,7 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 
 
 def _translate_write_error(exc: OSError) -> StorageError:
-    if exc.errno in _NO_SPACE:
+    if is_no_space(exc):
         return StoreFull(f"no space left on the device for the store: {exc.strerror}")
     return StorageError(f"cannot write to the store: {exc.strerror}")
 

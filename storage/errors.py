@@ -16,6 +16,8 @@ SQLAlchemy and OS errors never leave storage/: they are translated into these.
 
 from __future__ import annotations
 
+import errno
+
 from kachery.protocol.errors import KacheryError
 
 
@@ -57,3 +59,8 @@ class InviteRefused(StorageError):
 
 class DatabaseError(StorageError):
     """The database failed, or its schema is newer than this version of kachery-node."""
+
+
+def is_no_space(exc: OSError) -> bool:
+    """True if an OS error means the disk (or the user's quota) is full."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -148,7 +148,9 @@ async def test_a_uri_naming_an_unknown_manifest_says_so(tmp_path: Path) -> None:
         service = files_of(downloader)
         service.find_wait = 0.2
         wrong = parse_file_uri(f"sha1://{entry.sha1}/m.dat?manifest={'1' * 40}")
-        with pytest.raises(NotFound, match=r"the URI's manifest= .* 1 member.s. provide"):
+        with pytest.raises(
+            NotFound, match=r"manifest sha1://1{40} that the URI names .* 1 member.s. provide"
+        ):
             await service.download(wrong)
 
 
