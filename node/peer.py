@@ -9,7 +9,9 @@ M1..M4 over a ``Link`` within HANDSHAKE_TIMEOUT. ``PeerConnection.run`` then run
   ``busy``); a protocol error closes this session only, with its close code;
 - the writer encrypts and sends, always emptying the control queue before it sends the next bulk
   data frame, so a bulk transfer never starves gossip and requests on the same session (the
-  reply that closes a bulk transfer travels in the bulk queue, behind its frames);
+  reply that closes a bulk transfer travels in the bulk queue, behind its frames); a ``close``
+  lets it send the control messages already queued (gossip such as the document removing the
+  peer) before the link closes;
 - the keepalive pings and closes a session whose peer stopped answering.
 
 Non-goal: deciding who may connect or what a request means (membership.py, the services).
@@ -67,6 +69,9 @@ CONTROL_QUEUE = 256
 
 BULK_QUEUE = 4
 """Bulk data frames waiting to be sent: a bulk sender waits when the writer falls behind."""
+
+CLOSE_FLUSH_TIMEOUT = 5.0
+"""Seconds ``close`` gives the writer to send the control messages queued before it."""
 
 
 class HandshakeFailed(NodeError):
@@ -256,6 +261,8 @@ class PeerConnection:
             tuple[int, int, DataBlock | bytes | memoryview] | Message
         ](BULK_QUEUE)
         self._work = trio.Event()
+        self._closing = False
+        self._flushed = trio.Event()
         self._last_heard = time.monotonic()
         self._busy = trio.Semaphore(MAX_CONCURRENT_REQUESTS)
         self._cancel = trio.CancelScope()
@@ -280,14 +287,24 @@ class PeerConnection:
         finally:
             for pending in self._pending.values():
                 pending.event.set()
+            self._flushed.set()
             self.closed.set()
             with trio.CancelScope(shield=True):
                 await self.link.close(self.close_code or CloseCode.GOING_AWAY, self.close_reason)
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """End the session, telling the peer ``code`` and ``reason``."""
+        """End the session, telling the peer ``code`` and ``reason``.
+
+        Control messages queued before the close (such as the membership document that removes
+        the peer) are sent first, for at most CLOSE_FLUSH_TIMEOUT; queued bulk data is dropped.
+        """
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
+        if not self._closing:
+            self._closing = True
+            self._work.set()
+            with trio.move_on_after(CLOSE_FLUSH_TIMEOUT):
+                await self._flushed.wait()
         self._cancel.cancel()
         await self.closed.wait()
 
@@ -388,6 +405,9 @@ class PeerConnection:
             else:
                 await self._send_frame(self.session.send_message(msg))
                 continue
+            if self._closing:  # every control message queued before the close has gone out
+                self._flushed.set()
+                await trio.sleep_forever()
             try:
                 item = self._bulk_recv.receive_nowait()
             except trio.WouldBlock:

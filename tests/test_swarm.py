@@ -144,6 +144,28 @@ async def test_a_removed_member_is_cut_off_and_cannot_come_back(tmp_path: Path) 
         assert owner.node_id in b.connections  # everyone else carries on
 
 
+async def test_a_removed_member_learns_it_and_stops_reaching_for_that_channel(
+    tmp_path: Path,
+) -> None:
+    async with swarm(tmp_path) as s:
+        owner, a, b, channel = await lab(s)
+        await wait(owner, lambda: {a.node_id, b.node_id} <= set(owner.connections))
+        await owner.channel_remove("lab", a.node_id)
+        # The signed document that removes a is sent to a before its sessions are closed.
+        await wait(a, lambda: not a.membership.is_member(channel, a.node_id))
+        assert a.membership.history(channel).version == 4
+        assert a.membership.members_to_reach() == {}  # no more dials for this channel
+        assert a.membership.active_channels() == []
+        [listed] = await a.channel_list()
+        assert (listed["member"], listed["roles"], listed["members"]) == (False, [], 2)
+        s.stop("a")
+        await wait(owner, lambda: a.node_id not in owner.connections)
+        a.home.close()
+        again = await s.start("a")
+        assert not again.membership.is_member(channel, again.node_id)  # it was saved
+        assert again.membership.members_to_reach() == {}
+
+
 async def test_a_restarted_member_rejoins_without_a_new_invite(tmp_path: Path) -> None:
     async with swarm(tmp_path) as s:
         owner, a, _b, channel = await lab(s)
