@@ -17,6 +17,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
+import trio
+
 from kachery.protocol.channel import (
     ALL_ROLES,
     Accepted,
@@ -171,17 +173,24 @@ class Membership:
         return result
 
     async def _persist(self, channel_id: str) -> None:
-        history = self._histories[channel_id]
-        await self._run_sync(self.home.channels.save_docs, channel_id, history.docs_after(0))
-        current = history.current
-        log.info(
-            "channel %s is at version %d (%d members)",
-            self.name_of(channel_id),
-            history.version,
-            0 if current is None else len(current.doc.members),
-        )
-        if self.on_change is not None:
-            await self.on_change(channel_id)
+        """Save the chain just changed in memory, and tell ``on_change``.
+
+        Shielded: a caller cancelled here (the handler of a document pushed just before its
+        session closed) would otherwise leave memory ahead of storage, and the node would go
+        back to the old version when it restarts.
+        """
+        with trio.CancelScope(shield=True):
+            history = self._histories[channel_id]
+            await self._run_sync(self.home.channels.save_docs, channel_id, history.docs_after(0))
+            current = history.current
+            log.info(
+                "channel %s is at version %d (%d members)",
+                self.name_of(channel_id),
+                history.version,
+                0 if current is None else len(current.doc.members),
+            )
+            if self.on_change is not None:
+                await self.on_change(channel_id)
 
     def _signer(self, channel_id: str) -> KeyPair:
         owner = self.home.key("channel", channel_id)

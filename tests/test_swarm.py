@@ -166,6 +166,24 @@ async def test_a_removed_member_learns_it_and_stops_reaching_for_that_channel(
         assert again.membership.members_to_reach() == {}
 
 
+async def test_a_document_taken_in_is_saved_even_when_the_taker_is_cancelled(
+    tmp_path: Path,
+) -> None:
+    # A removed member's session closes right behind the document that removes it, cancelling
+    # the handler that is taking the document in: memory and disk must not part ways there.
+    async with swarm(tmp_path) as s:
+        owner, a, _b, channel = await lab(s)
+        await wait(a, lambda: a.membership.history(channel).version == 3)
+        s.stop("a")
+        await wait(owner, lambda: a.node_id not in owner.connections)
+        removal = await owner.membership.remove("lab", a.node_id)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await a.membership.accept_docs(channel, [removal.to_wire()])
+        assert a.membership.history(channel).version == 4
+        assert [d.doc.version for d in a.home.channels.load_docs(channel)][-1] == 4
+
+
 async def test_a_restarted_member_rejoins_without_a_new_invite(tmp_path: Path) -> None:
     async with swarm(tmp_path) as s:
         owner, a, _b, channel = await lab(s)
