@@ -139,6 +139,9 @@ KEPT_REQUESTS = 10_000
 """Finished requests remembered for ``task status`` and ``task list`` (results stay cached in
 the database regardless)."""
 
+MIN_ID_PREFIX = 8
+"""The fewest leading characters of a request or task ID that ``task_status`` takes for it."""
+
 DEFAULT_BACKEND_SLOTS = 4
 """Jobs a worker runs at once unless it says otherwise."""
 
@@ -1681,10 +1684,40 @@ class TaskService:
     def _deadline(self, within_seconds: float | None) -> float:
         return math.inf if within_seconds is None else trio.current_time() + within_seconds
 
+    async def _full_id(self, ident: str) -> str:
+        """The request or task ID that ``ident`` names: itself, or the one ID (among requests
+        made here and results held here) that it is a prefix of, if at least MIN_ID_PREFIX
+        characters long (``task list`` shows prefixes). Unmatched, ``ident`` is returned as is.
+
+        Raises:
+            InvalidInput: ``ident`` is a prefix of several IDs.
+        """
+        if len(ident) < MIN_ID_PREFIX:
+            return ident
+        found = {
+            i
+            for r in self._requests.values()
+            for i in (r.spec.request_id, r.spec.task_id)
+            if i.startswith(ident)
+        }
+        found.update(await self.node.run_sync(self.store.task_ids_starting, ident))
+        if ident in found:
+            return ident
+        if len(found) == 1:
+            return found.pop()
+        if found:
+            shown = ", ".join(sorted(found)[:5]) + (", ..." if len(found) > 5 else "")
+            raise InvalidInput(
+                f"{ident} is the start of several request or task IDs ({shown}):"
+                " give more of the ID"
+            )
+        return ident
+
     @exposed
     async def task_status(self, task: str) -> dict[str, Any]:
         """The state of a request (by request ID, or the newest with a task ID), else the results
-        this node holds for a task ID."""
+        this node holds for a task ID; a unique prefix of either ID will do."""
+        task = await self._full_id(task)
         req = self._find(task)
         if req is not None:
             return req.snapshot(self._names(), data=True)

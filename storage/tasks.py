@@ -123,6 +123,20 @@ class TaskStore:
                 return data
         return None
 
+    def task_ids_starting(self, prefix: str, limit: int = 10) -> list[str]:
+        """The task IDs of results held here that begin with ``prefix`` (task IDs are lower-case
+        hex), at most ``limit`` of them."""
+        t = schema.task_results
+        with self.db.begin() as conn:
+            rows = conn.execute(
+                select(t.c.task_id)
+                .where(t.c.task_id >= prefix, t.c.task_id < prefix + "~")
+                .distinct()
+                .order_by(t.c.task_id)
+                .limit(limit)
+            ).all()
+        return [r.task_id for r in rows]
+
     def result_keys(self) -> set[tuple[str, str, str]]:
         """(task ID, kwargs digest, type) of every result held: small enough to keep in memory,
         so a lookup for a task never computed here needs no query."""

@@ -58,6 +58,18 @@ def test_a_query_keeps_only_its_last_result(store: TaskStore) -> None:
     assert store.results() == []
 
 
+def test_task_ids_are_found_by_prefix_once_each(store: TaskStore) -> None:
+    low, high = result({"t": 5.5}, "sha1://" + "1" * 40), result({"t": 6.5}, "sha1://" + "2" * 40)
+    other = replace(low, task_id="f" * 40, kwargs_digest="e" * 40)
+    store.save_results([low, high, replace(low, task_type="query"), other])
+    assert low.task_id == high.task_id  # kachery writes both floats as null
+    assert store.task_ids_starting(low.task_id[:8]) == [low.task_id]  # three rows, one ID
+    assert store.task_ids_starting("ffffffff") == ["f" * 40]
+    assert store.task_ids_starting("") == sorted([low.task_id, "f" * 40])
+    assert store.task_ids_starting("", limit=1) == sorted([low.task_id, "f" * 40])[:1]
+    assert store.task_ids_starting("0" * 41) == []
+
+
 def test_the_action_ledger_accepts_each_request_once(store: TaskStore) -> None:
     record, created = store.accept_action("r" * 64, "req1", "note.v1", "d" * 40)
     assert created

@@ -41,6 +41,7 @@ from kachery.protocol.tasks import (
 )
 from kachery.protocol.uri import parse_file_uri
 from kachery.storage import schema
+from kachery.storage.errors import NotFound
 from kachery.storage.tasks import TaskStore
 
 from .swarm import WAIT, channel_of, swarm, wait
@@ -877,6 +878,34 @@ async def test_a_node_serves_its_own_requests_through_its_local_worker(tmp_path:
                 "functions": {"add.v1": "pure-calculation"},
             }
         ]
+
+
+async def test_task_status_takes_the_prefix_task_list_shows_and_names_an_ambiguous_one(
+    tmp_path: Path,
+) -> None:
+    async with swarm(tmp_path) as s:
+        (node,) = await channel_of(s, ["solo"])
+        await start_worker(s.nursery, node, {"add.v1": ("pure-calculation", add)})
+        service = tasks_of(node)
+        one = await request(node, "add.v1", {"a": 1, "b": 2}, request_id="deadbeef" + "0" * 24)
+        two = await request(node, "add.v1", {"a": 2, "b": 2}, request_id="deadbeef" + "1" * 24)
+        shown = (await service.task_list())["requests"][0]["requestId"][:12]  # as the CLI does
+        assert (await service.task_status(shown))["requestId"] == two.spec.request_id
+        assert (await service.task_status("deadbeef0"))["requestId"] == one.spec.request_id
+        by_task = await service.task_status(one.spec.task_id[:8])
+        assert (by_task["taskId"], by_task["requestId"]) == (one.spec.task_id, one.spec.request_id)
+        with pytest.raises(
+            InvalidInput,
+            match=r"deadbeef is the start of several request or task IDs \(deadbeef0+, deadbeef1+\)"
+            ": give more of the ID",
+        ):
+            await service.task_status("deadbeef")
+        with pytest.raises(NotFound, match="no task or request deadbee known"):
+            await service.task_status("deadbee")  # too short to stand for an ID
+        # Once the requests are forgotten, a prefix finds the results held for a task ID.
+        service._requests.clear()
+        held = await service.task_status(two.spec.task_id[:12])
+        assert (held["taskId"], held["cached"]) == (two.spec.task_id, True)
 
 
 async def test_a_worker_reports_several_jobs_in_one_call_each_checked(tmp_path: Path) -> None:
