@@ -21,8 +21,8 @@ from typing import Any, BinaryIO
 
 from sqlalchemy import Connection, Row, delete, func, select
 
-from kachery.protocol.errors import InvalidInput
-from kachery.protocol.manifest import HashResult, Manifest
+from kachery.protocol.errors import InvalidInput, InvalidManifest
+from kachery.protocol.manifest import MAX_MANIFEST_BYTES, HashResult, Manifest
 from kachery.protocol.uri import FileURI
 
 from . import schema
@@ -250,17 +250,34 @@ class LocalFiles:
     def entries(
         self, *, limit: int | None = None, include_manifests: bool = True
     ) -> list[FileEntry]:
-        """Stored and linked files, newest first (optionally without the manifests of others)."""
-        query = select(schema.files).order_by(schema.files.c.stored_at.desc())
-        if not include_manifests:
-            other = schema.files.alias("other")
-            query = query.where(
-                ~select(other.c.sha1).where(other.c.manifest_sha1 == schema.files.c.sha1).exists()
-            )
-        if limit is not None:
-            query = query.limit(limit)
+        """Stored and linked files, newest first (optionally without manifests).
+
+        A manifest is left out whether or not its file is here: named by a stored file or by a
+        download in progress (a ranged read leaves one), or recognised by its bytes (the
+        manifest of a file removed, or of a download that was dropped).
+        """
+        files = schema.files
+        query = select(files).order_by(files.c.stored_at.desc())
+        if include_manifests:
+            if limit is not None:
+                query = query.limit(limit)
+            with self.db.begin() as conn:
+                return [self._entry(row) for row in conn.execute(query)]
+        other = files.alias("other")
+        downloads = schema.downloads
+        query = query.where(
+            ~select(other.c.sha1).where(other.c.manifest_sha1 == files.c.sha1).exists(),
+            ~select(downloads.c.sha1).where(downloads.c.manifest_sha1 == files.c.sha1).exists(),
+        )
+        found: list[FileEntry] = []
         with self.db.begin() as conn:
-            return [self._entry(row) for row in conn.execute(query)]
+            for row in conn.execute(query):
+                if limit is not None and len(found) >= limit:
+                    break
+                entry = self._entry(row)
+                if not _is_manifest(entry):
+                    found.append(entry)
+        return found
 
     def stats(self) -> FileStats:
         query = select(
@@ -383,6 +400,28 @@ class LocalFiles:
             stored_at=float(row.stored_at),
             linked_mtime_ns=row.linked_mtime_ns,
         )
+
+
+_MANIFEST_START = b'{"size":'
+"""How a manifest's JSON begins (kachery writes its keys in a fixed order)."""
+
+
+def _is_manifest(entry: FileEntry) -> bool:
+    """True if a stored blob is a kachery manifest (read only if it begins like one)."""
+    if entry.linked or not len(_MANIFEST_START) <= entry.size <= MAX_MANIFEST_BYTES:
+        return False
+    try:
+        with open(entry.path, "rb") as f:
+            if f.read(len(_MANIFEST_START)) != _MANIFEST_START:
+                return False
+            data = _MANIFEST_START + f.read()
+    except OSError:
+        return False
+    try:
+        Manifest.from_json_bytes(data, expected_sha1=entry.sha1)
+    except InvalidManifest:
+        return False
+    return True
 
 
 def _stat(path: Path) -> os.stat_result:

@@ -14,6 +14,7 @@ from sqlalchemy import Connection, inspect, select
 from kachery.node.home import NodeHome
 from kachery.protocol import parse_file_uri
 from kachery.protocol.errors import InvalidInput
+from kachery.protocol.manifest import Manifest, ManifestChunk, chunk_ranges
 from kachery.storage import (
     AlreadyExists,
     Database,
@@ -87,6 +88,39 @@ def test_a_chunk_is_located_in_its_whole_file_only_if_its_bytes_match(
     typo = parse_file_uri(f"sha1://{'0' * 40}?chunkOf={entry.sha1}~10~20")
     with pytest.raises(InvalidInput, match=f"is wrong: bytes 10..20 of .* hash to {right}"):
         home.files.locate(typo)
+
+
+def test_plain_ls_hides_manifests_whether_or_not_their_file_is_stored(home: NodeHome) -> None:
+    def listed(include_manifests: bool = False, limit: int | None = None) -> list[str]:
+        return [
+            e.sha1 for e in home.files.entries(limit=limit, include_manifests=include_manifests)
+        ]
+
+    def manifest_of(hex_digit: str) -> Manifest:
+        ranges = chunk_ranges(45_000_000)
+        chunks = tuple(ManifestChunk(start, end, hex_digit * 40) for start, end in ranges)
+        return Manifest(45_000_000, hex_digit * 40, chunks)
+
+    stored = home.files.store_bytes(pattern_bytes(20_000_001))  # with its manifest
+    assert stored.manifest_sha1 is not None
+    # A ranged read of a remote big file: its manifest is stored, its bytes are a partial file.
+    partial = manifest_of("a")
+    fetched = home.files.store_bytes(partial.to_json_bytes())
+    home.downloads.begin(partial.sha1, fetched.sha1, partial.size, len(partial.chunks))
+    # The manifest of a file that was dropped (a load refused for space, a file removed).
+    orphan = home.files.store_bytes(manifest_of("b").to_json_bytes())
+    # Plain files, one of them JSON that begins like a manifest.
+    lookalike = home.files.store_bytes(b'{"size":3,"sha1":"no","chunks":[]}')
+    small = home.files.store_bytes(b"small")
+    everything = [stored.sha1, stored.manifest_sha1, fetched.sha1, orphan.sha1, lookalike.sha1]
+    assert sorted(listed(include_manifests=True)) == sorted([*everything, small.sha1])
+    shown = {small.sha1, lookalike.sha1, stored.sha1}
+    assert sorted(listed()) == sorted(shown)
+    first_two = listed(limit=2)
+    assert len(first_two) == 2
+    assert set(first_two) < shown
+    home.downloads.forget(partial.sha1)  # the download is dropped: its manifest stays hidden
+    assert sorted(listed()) == sorted(shown)
 
 
 def test_store_from_a_stream_of_unknown_length(home: NodeHome) -> None:
