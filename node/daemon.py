@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import functools
 import logging
@@ -182,9 +183,7 @@ class Node:
             self._announcements[announcement.node_id] = announcement
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            port = await nursery.start(
-                functools.partial(listen, self._on_inbound, self.listen_host, self.listen_port)
-            )
+            port = await self._listen(nursery)
             self.listen_port = port
             self.addresses = self._announce_config or default_addresses(self.listen_host, port)
             self._self_addresses = set(self.addresses) | {f"ws://127.0.0.1:{port}"}
@@ -201,6 +200,27 @@ class Node:
                 ", ".join(self.addresses),
             )
             task_status.started(port)
+
+    async def _listen(self, nursery: trio.Nursery) -> int:
+        """Start accepting peers on the listen address; returns the bound port.
+
+        Raises:
+            NodeError: the address cannot be bound (in use, not this host's, no permission).
+        """
+        start = functools.partial(listen, self._on_inbound, self.listen_host, self.listen_port)
+        try:
+            try:
+                port: int = await nursery.start(start)
+            except BaseExceptionGroup as group:
+                raise lone_error(group) from None
+        except OSError as exc:
+            address = f"{self.listen_host}:{self.listen_port}"
+            hint = "is another daemon running? " if exc.errno == errno.EADDRINUSE else ""
+            raise NodeError(
+                f"cannot listen for peers on {address}: {exc.strerror or exc}"
+                f" ({hint}choose another address with --listen)"
+            ) from None
+        return port
 
     def _refresh_announcement(self) -> None:
         self._my_announcement = Announcement.create(self.key, self.addresses, now_ms())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 
 from kachery.node.testing import Daemon
 
@@ -79,3 +80,16 @@ def test_ctrl_c_after_a_burst_of_api_calls_and_sigterm_both_stop_cleanly(
     assert node.proc.wait(timeout=30) == 0
     node.kill()
     assert not (node.home / "daemon.json").exists()
+
+
+def test_a_listen_port_in_use_is_a_one_line_error_naming_it(daemons: dict[str, Daemon]) -> None:
+    node = daemons["n"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = node.cli("start", "--listen", f"127.0.0.1:{port}", "--api-port", "0", check=False)
+    assert out.startswith(f"kachery-node: error: cannot listen for peers on 127.0.0.1:{port}")
+    assert "Address already in use" in out
+    assert "--listen" in out
+    assert out.count("\n") == 1, out
