@@ -381,10 +381,14 @@ def cmd_load(args: argparse.Namespace, out: TextIO) -> int:
     if dest.is_dir():
         dest = dest / (Path(uri.label).name or uri.sha1)
     bar = ProgressBar(f"copying {dest.name}", hi - lo, enabled=None if not args.json else False)
-    _write_file_atomically(dest, _read_range(path, lo, hi), bar)
+    check = None
+    if uri.chunk_of is not None:  # a chunk's bytes are checked before they replace DEST
+
+        def check(written: Path) -> None:
+            home.files.check_chunk(uri, written.read_bytes())
+
+    _write_file_atomically(dest, _read_range(path, lo, hi), bar, check=check)
     bar.finish()
-    if uri.chunk_of is not None:
-        home.files.check_chunk(uri, dest.read_bytes())
     _print_result(args.json, out, {"event": "loaded", "path": str(dest)}, str(dest))
     return 0
 
@@ -846,8 +850,18 @@ def _relative_range(start: int | None, end: int | None, size: int) -> tuple[int,
     return lo, hi
 
 
-def _write_file_atomically(dest: Path, blocks: Iterable[bytes], bar: ProgressBar) -> None:
-    """Write blocks to a temporary file beside ``dest``, then rename: no partial ``dest``."""
+def _write_file_atomically(
+    dest: Path,
+    blocks: Iterable[bytes],
+    bar: ProgressBar,
+    *,
+    check: Callable[[Path], None] | None = None,
+) -> None:
+    """Write blocks to a temporary file beside ``dest``, then rename: no partial ``dest``.
+
+    ``check`` (raising if the written file is wrong) runs on the temporary file before the
+    rename, so ``dest`` is left as it was whenever this raises.
+    """
     tmp = dest.with_name(f".{dest.name}.kachery-part")
     done = 0
     try:
@@ -858,6 +872,8 @@ def _write_file_atomically(dest: Path, blocks: Iterable[bytes], bar: ProgressBar
                 bar.update(done)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
         os.replace(tmp, dest)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -107,6 +107,17 @@ def test_chunk_uris_read_only_their_range(khome: Path, tmp_path: Path) -> None:
     assert kn(khome, "cat", uri, "--start", "19999999", "--end", "20000001").stdout == data[-2:]
 
 
+def test_a_failed_load_leaves_the_output_file_untouched(khome: Path, tmp_path: Path) -> None:
+    data = b"recorded samples " * 100
+    kn(khome, "store", "-", stdin=data)
+    wrong = f"sha1://{'0123456789abcdef' * 2}01234567?chunkOf={hashlib.sha1(data).hexdigest()}~0~10"
+    keep = tmp_path / "keep.txt"
+    keep.write_bytes(b"existing\n")
+    assert_one_line_error(kn(khome, "load", wrong, "-o", str(keep), check=False), "hash to")
+    assert keep.read_bytes() == b"existing\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "keep.txt"]
+
+
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
