@@ -149,8 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also list the manifests of large files")
     p.add_argument("--json", action="store_true", help="print a JSON line per file")
 
-    p = command("verify", cmd_verify, "re-hash every stored file and report corrupt ones")
-    p.add_argument("--remove", action="store_true", help="remove corrupt files from the store")
+    p = command(
+        "verify",
+        cmd_verify,
+        "re-hash every stored file and report corrupt ones; exit 1 if any is corrupt",
+    )
+    p.add_argument(
+        "--remove", action="store_true", help="remove corrupt files from the store (still exit 1)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command("mutable", cmd_mutable_help, "node-local key/value store (never shared)")
@@ -537,8 +543,8 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
         for p in problems:
             action = " (removed)" if p.removed else ""
             print(f"CORRUPT {p.sha1} {p.path}: {p.problem}{action}", file=out)
-        print(f"{checked} files checked, {len(problems)} corrupt", file=out)
-    return 1 if problems and not args.remove else 0
+        print(f"{_count(checked, 'file')} checked, {len(problems)} corrupt", file=out)
+    return 1 if problems else 0  # corruption was found, whether or not it was removed
 
 
 def cmd_mutable_help(args: argparse.Namespace, out: TextIO) -> int:
@@ -830,6 +836,11 @@ def _show(key: str, value: Any) -> str:
     if key.endswith("Seconds") and isinstance(value, int | float):
         return format_duration(value)
     return str(value)
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 file``, ``2 files``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _print_table(headers: list[str], rows: list[list[str]], out: TextIO) -> None:

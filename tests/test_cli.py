@@ -163,16 +163,18 @@ def test_mutables_from_the_command_line(khome: Path) -> None:
     assert json.loads(kn(khome, "mutable", "get", "missing").stdout) is None
 
 
-def test_verify_reports_corruption_with_a_nonzero_exit(khome: Path) -> None:
+def test_verify_reports_corruption_with_a_nonzero_exit_also_when_removing_it(khome: Path) -> None:
     uri = kn(khome, "store", "-", stdin=b"precious").stdout.decode().strip()
-    assert b"1 files checked, 0 corrupt" in kn(khome, "verify").stdout
+    assert kn(khome, "verify").stdout == b"1 file checked, 0 corrupt\n"
     path = Path(kn(khome, "load", uri).stdout.decode().strip())
     path.write_bytes(b"precioux")
     proc = kn(khome, "verify", check=False)
     assert proc.returncode == 1
     assert b"CORRUPT" in proc.stdout
-    assert kn(khome, "verify", "--remove").returncode == 0
-    assert b"0 files checked" in kn(khome, "verify").stdout
+    removed = kn(khome, "verify", "--remove", check=False)
+    assert removed.returncode == 1  # corruption was found, even though it is now removed
+    assert b"(removed)" in removed.stdout
+    assert kn(khome, "verify").stdout == b"0 files checked, 0 corrupt\n"
 
 
 @pytest.mark.slow
