@@ -1385,7 +1385,8 @@ class FeedService:
         if owned and not force:
             raise InvalidInput(
                 f"feed {feed_id} is owned by this node: deleting it destroys its private key, and"
-                " nobody can ever append to it again; pass force to do it anyway"
+                " nobody can ever append to it again; to do it anyway, pass force=True"
+                " (on the command line, --force)"
             )
         removed = await self._write(self.store.delete_feed, feed_id)
         for key in [k for k in self._live if k[0] == feed_id]:

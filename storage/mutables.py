@@ -50,7 +50,10 @@ class Mutables:
         with self.db.begin() as conn:
             exists = conn.execute(select(table.c.key).where(table.c.key == k)).first() is not None
             if exists and not update:
-                raise AlreadyExists(f"mutable {k} already has a value (pass update to replace it)")
+                raise AlreadyExists(
+                    f"mutable {k} already has a value: to replace it, pass update=True"
+                    " (on the command line, leave out --no-update)"
+                )
             if exists:
                 conn.execute(
                     table.update().where(table.c.key == k).values(value=v, updated_at=time.time())

@@ -84,6 +84,7 @@ def test_the_feed_commands_from_create_to_delete(daemons: dict[str, Daemon]) -> 
     refused = run(d, "feed", "delete", feed_id)
     assert refused.returncode == 1
     assert "destroys its private key" in refused.stderr
+    assert "--force" in refused.stderr  # the flag a command-line user types
     assert d.cli("feed", "count", uri).strip() == "4"
     d.cli("feed", "delete", feed_id, "--force")
     assert run(d, "feed", "count", uri).returncode == 1
