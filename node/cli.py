@@ -421,8 +421,7 @@ def cmd_find(args: argparse.Namespace, out: TextIO) -> int:
         else:
             print(f"{p['nodeId']}  {p['channel']}  {format_bytes(p['size'])}", file=out)
     if not providers and not args.json:
-        print(f"{PROG}: no connected member provides {args.uri}", file=sys.stderr)
-        return 1
+        raise NotFound(f"no connected member provides {args.uri}")
     return 0
 
 

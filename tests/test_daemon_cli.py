@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 
-from kachery.node.testing import Daemon
+from kachery.node.testing import EXE, Daemon
 
 
 def test_a_lab_swarm_from_the_command_line(daemons: dict[str, Daemon]) -> None:
@@ -28,6 +29,14 @@ def test_a_lab_swarm_from_the_command_line(daemons: dict[str, Daemon]) -> None:
     # a and b were only given the owner's address; they find each other by peer exchange.
     peers = a.json("peers", "--wait-for", owner.node_id, b.node_id, "--timeout", "30")
     assert {p["nodeId"] for p in peers} == {owner.node_id, b.node_id}
+    nowhere = "sha1://" + "0" * 40
+    missing = subprocess.run(
+        [EXE, "find", nowhere], capture_output=True, text=True, env=a.env(), timeout=60
+    )
+    assert (missing.returncode, missing.stderr) == (
+        1,
+        f"kachery-node: error: no connected member provides {nowhere}\n",
+    )
     status = a.json("status")
     assert status["nodeId"] == a.node_id
     assert status["peers"] == 2
