@@ -428,10 +428,12 @@ def cmd_find(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_cat(args: argparse.Namespace, out: TextIO) -> int:
     home = NodeHome.open()
     uri = parse_file_uri(args.uri)
+    _check_range_order(args.start, args.end)
     local = home.files.locate(uri)
     if local is not None:
         path, lo, hi = local
-        first, stop = _relative_range(args.start, args.end, hi - lo)
+        what = "the file" if uri.chunk_of is None else "the chunk"
+        first, stop = _relative_range(args.start, args.end, hi - lo, what)
         start, end = lo + first, lo + stop
     else:
         with _fetching(uri) as client:
@@ -851,13 +853,24 @@ def _print_table(headers: list[str], rows: list[list[str]], out: TextIO) -> None
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def _relative_range(start: int | None, end: int | None, size: int) -> tuple[int, int]:
+def _check_range_order(start: int | None, end: int | None) -> None:
+    """What can be said of ``--start``/``--end`` without knowing the size."""
+    for flag, value in (("--start", start), ("--end", end)):
+        if value is not None and value < 0:
+            raise InvalidInput(f"{flag} {value} is negative: bytes are counted from 0")
+    if start is not None and end is not None and start > end:
+        raise InvalidInput(f"--start {start} is after --end {end}")
+
+
+def _relative_range(
+    start: int | None, end: int | None, size: int, what: str = "the file"
+) -> tuple[int, int]:
     """``--start``/``--end`` (from the start of the URI's bytes), checked against ``size``."""
-    lo = 0 if start is None else start
-    hi = size if end is None else end
-    if not 0 <= lo <= hi <= size:
-        raise InvalidInput(f"byte range {lo}..{hi} is outside 0..{size}")
-    return lo, hi
+    _check_range_order(start, end)
+    for flag, value in (("--start", start), ("--end", end)):
+        if value is not None and value > size:
+            raise InvalidInput(f"{flag} {value} is past the end of {what} (size {size} bytes)")
+    return 0 if start is None else start, size if end is None else end
 
 
 def _write_file_atomically(

@@ -138,9 +138,21 @@ def test_a_directory_is_refused(khome: Path, tmp_path: Path) -> None:
     assert_one_line_error(kn(khome, "store", str(tmp_path), check=False), "is a directory")
 
 
-def test_a_range_outside_the_file_is_refused(khome: Path) -> None:
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--end", "9"), "--end 9 is past the end of the file (size 5 bytes)"),
+        (("--start", "9999999"), "--start 9999999 is past the end of the file (size 5 bytes)"),
+        (("--start", "4", "--end", "2"), "--start 4 is after --end 2"),
+        (("--start", "-1"), "--start -1 is negative"),
+    ],
+)
+def test_a_range_outside_the_file_is_refused_saying_why(
+    khome: Path, flags: tuple[str, ...], message: str
+) -> None:
     uri = kn(khome, "store", "-", stdin=b"12345").stdout.decode().strip()
-    assert_one_line_error(kn(khome, "cat", uri, "--end", "9", check=False), "outside 0..5")
+    assert_one_line_error(kn(khome, "cat", uri, *flags, check=False), message)
+    assert kn(khome, "cat", uri, "--start", "5").stdout == b""  # the empty range at the end
 
 
 def test_commands_before_init_say_to_run_init(tmp_path: Path) -> None:
