@@ -615,9 +615,16 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         print(json.dumps(status), file=out)
         return 0
-    width = max((len(key) for key in status), default=0) + 1
+    width = max((len(_label(key)) for key in status), default=0) + 2
     for key, value in status.items():
-        print(f"{key + ':':<{width}} {_show(key, value)}", file=out)
+        if isinstance(value, dict):  # a service's counters: "label value" items, wrapped
+            items = [f"{_label(k)} {_show(k, v)}" for k, v in value.items()]
+            lines = _pack(items, STATUS_COLUMNS - width) or ["-"]
+        else:
+            lines = [_show(key, value)]
+        print(f"{_label(key) + ':':<{width}}{lines[0]}", file=out)
+        for line in lines[1:]:
+            print(" " * width + line, file=out)
     return 0
 
 
@@ -826,17 +833,63 @@ def _cli_type(parse: Callable[[str], T], name: str) -> Callable[[str], T]:
     return convert
 
 
+STATUS_COLUMNS = 100
+"""``status`` wraps a service's counters to this width."""
+
+_LABELS = {"nodeId": "node ID", "pid": "process ID"}
+
+
+def _label(key: str) -> str:
+    """A daemon answer's camelCase key, for people: ``bytesUploaded`` -> ``uploaded``,
+    ``uptimeSeconds`` -> ``uptime``, ``offencesByPeer`` -> ``offences by peer`` (the unit
+    shows in the value)."""
+    if key in _LABELS:
+        return _LABELS[key]
+    words = re.sub(r"([A-Z])", r" \1", key).lower().split()
+    if len(words) > 1 and words[-1] == "seconds":
+        words.pop()
+    if len(words) > 1 and words[0] == "bytes":
+        words.pop(0)
+    return " ".join(words)
+
+
 def _show(key: str, value: Any) -> str:
     """A value of a daemon answer, for people."""
     if isinstance(value, list):
-        return ", ".join(_show(key, item) for item in value) or "-"
+        return ", ".join(_short(_show(key, item)) for item in value) or "-"
     if isinstance(value, dict):
-        return str(value.get("name") or json.dumps(value))
+        if "name" in value:  # a channel, a peer
+            return str(value["name"])
+        return ", ".join(f"{_short(k)} {_show(k, v)}" for k, v in value.items()) or "-"
     if value is None:
         return "-"
-    if key.endswith("Seconds") and isinstance(value, int | float):
-        return format_duration(value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | float):
+        if key.endswith("Seconds"):
+            return format_duration(value)
+        if key.startswith("bytes") or key.endswith("Bytes"):
+            return format_bytes(value)
     return str(value)
+
+
+def _short(text: str) -> str:
+    """A node ID or SHA-1 (hex, 40+ digits) cut to 16 digits; other text as it is."""
+    return text[:16] + "..." if len(text) >= 40 and re.fullmatch(r"[0-9a-f]+", text) else text
+
+
+def _pack(items: list[str], width: int) -> list[str]:
+    """``items`` joined by ", " into lines of at most ``width`` characters (an item longer
+    than that gets a line of its own)."""
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + 2 + len(item) + 1 <= width:
+            lines[-1] += f", {item}"
+        else:
+            if lines:
+                lines[-1] += ","
+            lines.append(item)
+    return lines
 
 
 def _count(n: int, noun: str) -> str:

@@ -23,10 +23,16 @@ def format_bytes(n: float) -> str:
 
 
 def format_duration(seconds: float) -> str:
+    """``5`` -> ``'5s'``, ``125`` -> ``'2m05s'``, ``3720`` -> ``'1h02m'``, ``90000`` -> ``'1d01h'``:
+    the unit is in the text, so ``2m05s`` cannot be read as hours and minutes."""
     seconds = int(seconds)
+    if seconds >= 86400:
+        return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}:{seconds % 60:02d}"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
 
 
 class ProgressBar:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from kachery.node.progress import format_duration
+
 from .conftest import pattern_bytes
 
 EXE = str(Path(sys.executable).with_name("kachery-node"))
@@ -235,6 +237,14 @@ def test_load_without_a_daemon_finds_stored_blobs_and_linked_files(
     assert kn(khome, "load", uri).stdout.decode().strip() == str(linked)
     missing = f"sha1://{hashlib.sha1(b'nowhere').hexdigest()}/x"
     assert_one_line_error(kn(khome, "load", missing, check=False), "no daemon is running")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(0, "0s"), (59.9, "59s"), (125, "2m05s"), (3720, "1h02m"), (90000, "1d01h")],
+)
+def test_durations_carry_their_units(seconds: float, shown: str) -> None:
+    assert format_duration(seconds) == shown
 
 
 def test_the_command_line_starts_without_loading_sqlalchemy_or_trio() -> None:

@@ -40,6 +40,14 @@ def test_a_lab_swarm_from_the_command_line(daemons: dict[str, Daemon]) -> None:
     status = a.json("status")
     assert status["nodeId"] == a.node_id
     assert status["peers"] == 2
+    text = a.cli("status")  # for people: labels in words, no JSON
+    lines = dict(line.split(":", 1) for line in text.splitlines() if not line.startswith(" "))
+    assert lines["node ID"].strip() == a.node_id
+    assert lines["uptime"].strip().endswith("s")  # "12s", "2m05s": never "0:12"
+    assert lines["channels"].strip() == "lab"
+    assert lines["files"].strip().startswith("uploaded ")
+    assert "{" not in text
+    assert all(len(line) <= 100 for line in text.splitlines())
     for d in (owner, a, b):
         assert d.stop() == 0
         assert "Traceback" not in "".join(d.log)
