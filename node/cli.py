@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
+from urllib.parse import urlsplit
 
 from kachery.protocol.channel import Role, parse_roles
 from kachery.protocol.errors import InvalidInput, KacheryError
@@ -37,6 +38,8 @@ DEFAULT_LISTEN_PORT = 20432
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_LISTEN_PORT}"
 DEFAULT_API_PORT = 20431
 """kachery-daemon's API port, so tools that probe it find kachery-node."""
+MAX_ADDRESS_CHARS = 300
+"""The longest address a signed announcement may carry (protocol/channel.py)."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -224,9 +227,10 @@ def _add_daemon_commands(
         "--announce",
         action="extend",
         nargs="+",
+        type=_cli_type(_announce_address, "address"),
         default=[],
         metavar="ADDR",
-        help="address peers should dial, like ws://host:20432 (repeatable)",
+        help="address peers should dial: ws://HOST:PORT or wss://HOST:PORT (repeatable)",
     )
     # SUPPRESS: without -v here, the global `kachery-node -v start` keeps its value.
     p.add_argument(
@@ -803,6 +807,23 @@ def _host_port(text: str) -> str:
     if not sep:
         raise InvalidInput(f"{text!r} is not HOST:PORT (like 0.0.0.0:{DEFAULT_LISTEN_PORT})")
     _port(port)
+    return text
+
+
+def _announce_address(text: str) -> str:
+    """An address peers dial: ``ws://HOST:PORT`` or ``wss://HOST:PORT`` (a path may follow)."""
+    parts = urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme not in ("ws", "wss") or not parts.hostname or port is None:
+        raise InvalidInput(
+            f"{text!r} is not an address peers can dial: use ws://HOST:PORT or wss://HOST:PORT"
+            f" (like ws://lab1.example.org:{DEFAULT_LISTEN_PORT})"
+        )
+    if len(text) > MAX_ADDRESS_CHARS:
+        raise InvalidInput(f"{text[:40]!r}... is longer than {MAX_ADDRESS_CHARS} characters")
     return text
 
 

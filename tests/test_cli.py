@@ -167,6 +167,16 @@ def test_usage_mistakes_exit_2_with_help(khome: Path) -> None:
     assert b"usage:" in proc.stderr
 
 
+@pytest.mark.parametrize("address", ["notaurl", "ws://lab1", "http://lab1:20432", "ws://:20432"])
+def test_start_refuses_an_announce_address_peers_cannot_dial(tmp_path: Path, address: str) -> None:
+    # No node home: a usage error comes first, and a regression fails at once (no daemon runs).
+    proc = kn(tmp_path, "start", "--listen", "127.0.0.1:0", "--announce", address, check=False)
+    assert proc.returncode == 2
+    assert f"argument --announce: {address!r} is not an address peers can dial" in (
+        proc.stderr.decode()
+    )
+
+
 def test_mutables_from_the_command_line(khome: Path) -> None:
     kn(khome, "mutable", "set", "alias", "sha1://" + "1" * 40)
     kn(khome, "mutable", "set", '{"run": 3}', '{"ok": true}')
