@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
 from kachery.protocol.errors import InvalidInput
+from kachery.protocol.uri import parse_feed_uri
 
 from .cli_groups import action_group
 from .client import DaemonClient
@@ -260,8 +261,18 @@ def cmd_feed_delete(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _feed_id(text: str) -> str:
+    """A FEED_ID argument (``feed://`` optional), checked and lowercased like ``feed delete``'s.
+
+    Raises:
+        InvalidURI: not 64 hex digits.
+    """
+    return parse_feed_uri(f"feed://{text.removeprefix('feed://')}").feed_id
+
+
 def cmd_feed_forks(args: argparse.Namespace, out: TextIO) -> int:
-    forks = _daemon().call("feed_forks", feed_id=args.feed_id)
+    feed_id = None if args.feed_id is None else _feed_id(args.feed_id)
+    forks = _daemon().call("feed_forks", feed_id=feed_id)
     if args.json:
         print(json.dumps(forks), file=out)
         return 0

@@ -81,6 +81,10 @@ def test_the_feed_commands_from_create_to_delete(daemons: dict[str, Daemon]) -> 
     bad = run(d, "feed", "append", uri, "not json")
     assert bad.returncode == 1
     assert "is not JSON" in bad.stderr
+    not_an_id = run(d, "feed", "forks", "nothex")
+    assert not_an_id.returncode == 1
+    assert "'nothex' is not 64 hex digits" in not_an_id.stderr
+    assert d.json("feed", "forks", feed_id.upper()) == []
     refused = run(d, "feed", "delete", feed_id)
     assert refused.returncode == 1
     assert "destroys its private key" in refused.stderr
