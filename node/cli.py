@@ -26,7 +26,7 @@ from kachery.protocol.uri import FileURI, parse_file_uri
 from kachery.storage.errors import NotFound
 
 from .cli_feeds import add_feed_commands
-from .cli_groups import Command, action_group
+from .cli_groups import Command, UsageError, action_group
 from .cli_tasks import add_task_commands
 from .client import DaemonClient
 from .errors import DaemonNotRunning
@@ -61,6 +61,9 @@ def run(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int:
     command: Command = args.command
     try:
         return command(args, out)
+    except UsageError as exc:
+        usage_parser: argparse.ArgumentParser = getattr(args, "usage_parser", parser)
+        usage_parser.error(str(exc))  # exits 2
     except KacheryError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
@@ -94,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        p.set_defaults(command=func)
+        p.set_defaults(command=func, usage_parser=p)
         return p
 
     command("init", cmd_init, "create the node home and its key; print the node ID")

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 from kachery.protocol.errors import InvalidInput
 from kachery.protocol.uri import parse_feed_uri
 
-from .cli_groups import action_group
+from .cli_groups import UsageError, action_group
 from .client import DaemonClient
 from .home import NodeHome
 
@@ -60,7 +60,9 @@ def add_feed_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     a.add_argument("--start", type=int, default=0, metavar="N", help="first message (default 0)")
     a.add_argument("--limit", type=int, default=None, metavar="M", help="at most M messages")
     a.add_argument("--json", action="store_true", help="print full records as JSON lines")
-    a.add_argument("--signed", action="store_true", help="with --json: include body, signature")
+    a.add_argument(
+        "--signed", action="store_true", help="include the signed body and signature (needs --json)"
+    )
 
     a = action("watch", cmd_feed_watch, "print messages as they arrive (Ctrl-C stops)")
     a.add_argument("uri", metavar="URI")
@@ -183,6 +185,8 @@ def cmd_feed_append(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_feed_read(args: argparse.Namespace, out: TextIO) -> int:
+    if args.signed and not args.json:
+        raise UsageError("--signed needs --json (the signatures are fields of the JSON records)")
     daemon = _daemon()
     position, remaining = args.start, args.limit
     forked = False

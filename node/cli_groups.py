@@ -1,4 +1,4 @@
-"""What the command modules share: the command signature and groups of actions
+"""What the command modules share: the command signature, usage errors, and groups of actions
 (``kachery-node channel create``, ``feed append``, ``task request``, ...).
 
 Non-goals: the commands themselves (cli.py, cli_feeds.py, cli_tasks.py).
@@ -13,6 +13,12 @@ from typing import TextIO
 Command = Callable[[argparse.Namespace, TextIO], int]
 """A command: its parsed arguments and stdout in, an exit code out."""
 
+
+class UsageError(Exception):
+    """Arguments that do not go together (``feed read --signed`` without ``--json``), found by
+    a command: reported as argparse reports its own, with the command's usage line, exit 2."""
+
+
 Action = Callable[[str, Command, str], argparse.ArgumentParser]
 """Adds one action to a group: its name, command and help text; returns its parser."""
 
@@ -24,7 +30,7 @@ def action_group(parser: argparse.ArgumentParser, noun: str) -> Action:
 
     def action(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
         a = sub.add_parser(name, help=help_text, description=help_text)
-        a.set_defaults(command=func)
+        a.set_defaults(command=func, usage_parser=a)
         return a
 
     return action

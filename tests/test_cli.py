@@ -177,6 +177,14 @@ def test_start_refuses_an_announce_address_peers_cannot_dial(tmp_path: Path, add
     )
 
 
+def test_feed_read_signed_without_json_is_a_usage_error(khome: Path) -> None:
+    proc = kn(khome, "feed", "read", f"feed://{'a' * 64}/entries", "--signed", check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.decode()
+    assert err.startswith("usage: kachery-node feed read")
+    assert "kachery-node feed read: error: --signed needs --json" in err
+
+
 def test_mutables_from_the_command_line(khome: Path) -> None:
     kn(khome, "mutable", "set", "alias", "sha1://" + "1" * 40)
     kn(khome, "mutable", "set", '{"run": 3}', '{"ok": true}')
