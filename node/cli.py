@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         "\n  kachery-node store --link /big/recording.dat",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="file to store; - reads stdin")
-    p.add_argument("--link", action="store_true", help="index files where they lie (no copy)")
+    p.add_argument(
+        "--link", action="store_true", help="index files where they lie (no copy; not for -)"
+    )
     p.add_argument("--json", action="store_true", help="print a JSON line per file")
 
     p = command(
@@ -348,6 +350,8 @@ def cmd_info(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_store(args: argparse.Namespace, out: TextIO) -> int:
+    if args.link and "-" in args.paths:
+        raise UsageError("--link indexes a file where it lies: stdin has no place to link to")
     home = NodeHome.open()
     for name in args.paths:
         if name == "-":

@@ -94,6 +94,13 @@ def test_store_reads_stdin_and_prints_json_lines(khome: Path) -> None:
     assert record["size"] == 10
 
 
+def test_store_link_refuses_stdin_rather_than_copying_it(khome: Path) -> None:
+    proc = kn(khome, "store", "--link", "-", stdin=b"not a file", check=False)
+    assert proc.returncode == 2
+    assert "kachery-node store: error: --link indexes a file where it lies" in proc.stderr.decode()
+    assert json.loads(kn(khome, "info", "--json").stdout)["files"] == 0
+
+
 def test_chunk_uris_read_only_their_range(khome: Path, tmp_path: Path) -> None:
     data = pattern_bytes(20_000_001)
     src = tmp_path / "big.bin"
