@@ -28,7 +28,7 @@ from kachery.storage.errors import NotFound
 from .cli_feeds import add_feed_commands
 from .cli_groups import Command, UsageError, action_group
 from .cli_tasks import add_task_commands
-from .client import DaemonClient
+from .client import DEFAULT_TIMEOUT, DaemonClient
 from .errors import DaemonNotRunning
 from .home import HOME_ENV, NodeHome, default_home
 from .progress import ProgressBar, format_bytes, format_duration
@@ -256,12 +256,26 @@ def _add_daemon_commands(
         "examples:\n  kachery-node peers\n  kachery-node peers --wait 2   # until 2 are connected",
     )
     p.add_argument(
-        "--wait", type=int, default=0, metavar="N", help="first wait until N peers are connected"
+        "--wait",
+        type=_cli_type(_count_arg, "count"),
+        default=0,
+        metavar="N",
+        help="first wait (up to --timeout) until N peers are connected",
     )
     p.add_argument(
-        "--wait-for", nargs="+", default=[], metavar="NODE_ID", help="first wait for these peers"
+        "--wait-for",
+        nargs="+",
+        default=[],
+        metavar="NODE_ID",
+        help="first wait (up to --timeout) for these peers",
     )
-    p.add_argument("--timeout", type=float, default=30.0, metavar="S", help="how long to wait")
+    p.add_argument(
+        "--timeout",
+        type=_cli_type(_seconds_arg, "seconds"),
+        default=30,
+        metavar="S",
+        help="seconds --wait and --wait-for wait at most (default %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON array")
 
     p = command(
@@ -641,7 +655,9 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_peers(args: argparse.Namespace, out: TextIO) -> int:
     if args.wait or args.wait_for:
-        peers = _daemon().call(
+        # The daemon gives up after --timeout; the client waits a little longer for its answer.
+        client = DaemonClient(NodeHome.open().path, timeout=max(DEFAULT_TIMEOUT, args.timeout + 30))
+        peers = client.call(
             "wait_peers",
             node_ids=args.wait_for or None,
             count=args.wait or 1,
@@ -832,6 +848,26 @@ def _announce_address(text: str) -> str:
     if len(text) > MAX_ADDRESS_CHARS:
         raise InvalidInput(f"{text[:40]!r}... is longer than {MAX_ADDRESS_CHARS} characters")
     return text
+
+
+def _count_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise InvalidInput(f"{text!r} is not a count (0, 1, 2, ...)")
+    return value
+
+
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise InvalidInput(f"{text!r} is not a number of seconds, like 30 or 2.5")
+    return value
 
 
 def _port(text: str) -> int:

@@ -785,11 +785,14 @@ class Node:
         with trio.move_on_after(within_seconds):
             await self.wait_until(ready)
         if not ready():
-            missing = ", ".join(n[:16] for n in sorted(wanted - set(self.connections)))
-            raise Unavailable(
-                f"not connected within {within_seconds:.0f} s"
-                + (f" to {missing}" if missing else "")
-            )
+            have = len(self.connections)
+            if wanted:
+                missing = ", ".join(n[:16] + "..." for n in sorted(wanted - set(self.connections)))
+                raise Unavailable(
+                    f"not connected to {missing} within {within_seconds:g} s"
+                    f" ({have} peer{'' if have == 1 else 's'} connected)"
+                )
+            raise Unavailable(f"only {have} of {count} peers connected within {within_seconds:g} s")
         return await self.peers()
 
     @exposed

@@ -110,3 +110,14 @@ def test_a_listen_port_in_use_is_a_one_line_error_naming_it(daemons: dict[str, D
     assert "Address already in use" in out
     assert "--listen" in out
     assert out.count("\n") == 1, out
+
+
+def test_peers_wait_says_how_many_of_how_many_connected_and_its_default(
+    daemons: dict[str, Daemon],
+) -> None:
+    node = daemons["n"]
+    node.start()
+    out = node.cli("peers", "--wait", "5", "--timeout", "0.5", check=False)
+    assert out == "kachery-node: error: only 0 of 5 peers connected within 0.5 s\n"
+    assert "(default 30)" in " ".join(node.cli("peers", "--help").split())
+    assert node.stop() == 0
