@@ -26,7 +26,7 @@ from kachery.protocol.uri import FileURI, parse_file_uri
 from kachery.storage.errors import NotFound
 
 from .cli_feeds import add_feed_commands
-from .cli_groups import Command, UsageError, action_group
+from .cli_groups import Command, UsageError, action_group, add_home_option
 from .cli_tasks import add_task_commands
 from .client import DEFAULT_TIMEOUT, DaemonClient
 from .errors import DaemonNotRunning
@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Share files, feeds and tasks peer to peer inside private lab channels.",
         epilog=f"The node home is ${HOME_ENV} (default ~/.kachery-node), or --home.",
     )
-    parser.add_argument("--home", metavar="DIR", help=f"node home (overrides ${HOME_ENV})")
+    parser.add_argument(
+        "--home", metavar="DIR", help=f"node home (overrides ${HOME_ENV}); also after the command"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
@@ -98,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.set_defaults(command=func, usage_parser=p)
+        add_home_option(p)
         return p
 
     command("init", cmd_init, "create the node home and its key; print the node ID")
@@ -168,25 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command("mutable", cmd_mutable_help, "node-local key/value store (never shared)")
-    msub = p.add_subparsers(title="mutable commands", metavar="ACTION", required=True)
-    ms = msub.add_parser(
-        "set",
-        help="set KEY to VALUE",
-        description="Set KEY to VALUE. KEY and "
-        "VALUE are JSON when they parse as JSON, else plain strings.",
+    action = action_group(p, "mutable")
+    a = action("set", cmd_mutable_set, "set KEY to VALUE")
+    a.description = (
+        "Set KEY to VALUE. KEY and VALUE are JSON when they parse as JSON, else plain strings."
     )
-    ms.add_argument("key", metavar="KEY")
-    ms.add_argument("value", metavar="VALUE")
-    ms.add_argument("--no-update", action="store_true", help="refuse to overwrite a value")
-    ms.set_defaults(command=cmd_mutable_set)
-    mg = msub.add_parser("get", help="print KEY's value as JSON (null if unset)")
-    mg.add_argument("key", metavar="KEY")
-    mg.set_defaults(command=cmd_mutable_get)
-    md = msub.add_parser("delete", help="remove KEY")
-    md.add_argument("key", metavar="KEY")
-    md.set_defaults(command=cmd_mutable_delete)
-    ml = msub.add_parser("list", help="print all keys and values as JSON lines")
-    ml.set_defaults(command=cmd_mutable_list)
+    a.add_argument("key", metavar="KEY")
+    a.add_argument("value", metavar="VALUE")
+    a.add_argument("--no-update", action="store_true", help="refuse to overwrite a value")
+    a = action("get", cmd_mutable_get, "print KEY's value as JSON (null if unset)")
+    a.add_argument("key", metavar="KEY")
+    a = action("delete", cmd_mutable_delete, "remove KEY")
+    a.add_argument("key", metavar="KEY")
+    action("list", cmd_mutable_list, "print all keys and values as JSON lines")
 
     add_feed_commands(command)
     add_task_commands(command)

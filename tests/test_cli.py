@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -10,10 +11,12 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from kachery.node.cli import build_parser
 from kachery.node.progress import format_duration
 
 from .conftest import pattern_bytes
@@ -162,6 +165,33 @@ def test_a_range_outside_the_file_is_refused_saying_why(
     uri = kn(khome, "store", "-", stdin=b"12345").stdout.decode().strip()
     assert_one_line_error(kn(khome, "cat", uri, *flags, check=False), message)
     assert kn(khome, "cat", uri, "--start", "5").stdout == b""  # the empty range at the end
+
+
+def test_home_is_accepted_after_the_command_too(khome: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "not-this-one"  # what KACHERY_NODE_HOME says: --home overrides it
+    info = json.loads(kn(elsewhere, "info", "--json", "--home", str(khome)).stdout)
+    assert info["home"] == str(khome)
+    kn(elsewhere, "mutable", "set", "where", "after", "--home", str(khome))
+    assert kn(khome, "mutable", "get", "where").stdout == b'"after"\n'
+    before_and_after = kn(elsewhere, "--home", str(elsewhere), "info", "--home", str(khome))
+    assert f"home:     {khome}" in before_and_after.stdout.decode()  # the later one wins
+    assert_one_line_error(kn(khome, "info", "--home", str(elsewhere), check=False), "init")
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for action in subs:
+        for sub in dict.fromkeys(action.choices.values()):
+            yield from _leaf_parsers(sub)
+
+
+def test_every_command_documents_home_in_its_help() -> None:
+    leaves = list(_leaf_parsers(build_parser()))
+    assert len(leaves) > 30  # the walk reached the actions of channel, feed, task, mutable
+    for leaf in leaves:
+        assert "--home DIR" in leaf.format_help(), leaf.prog
 
 
 def test_commands_before_init_say_to_run_init(tmp_path: Path) -> None:
