@@ -405,12 +405,8 @@ class Node:
         finally:
             if self.connections.get(conn.node_id) is conn:
                 del self.connections[conn.node_id]
-            log.info(
-                "session with %s... ended (%s %s)",
-                conn.node_id[:16],
-                conn.close_code,
-                conn.close_reason or "",
-            )
+            why = " ".join(str(part) for part in (conn.close_code, conn.close_reason) if part)
+            log.info("session with %s... ended%s", conn.node_id[:16], f" ({why})" if why else "")
             self.notify()
             self._wake_dialer.set()
 

@@ -734,9 +734,16 @@ class FileService:
 
 
 def _check_range(start: int, end: int | None, size: int) -> tuple[int, int]:
+    """``[start, end)`` of a ``size``-byte file (``end`` None: to its end), or InvalidInput
+    saying in words what is wrong with it."""
     stop = size if end is None else end
-    if not 0 <= start <= stop <= size:
-        raise InvalidInput(f"byte range {start}..{stop} is outside 0..{size}")
+    if start < 0 or stop < 0:
+        raise InvalidInput(f"a byte position cannot be negative (start {start}, end {end})")
+    for name, value in (("start", start), ("end", stop)):
+        if value > size:
+            raise InvalidInput(f"{name} {value} is past the end of the file ({size} bytes)")
+    if start > stop:
+        raise InvalidInput(f"start {start} is after end {stop}")
     return start, stop
 
 

@@ -221,11 +221,16 @@ class LocalFiles:
 
         Raises:
             InvalidInput: the whole file is here and the chunk's bytes in it do not hash to the
-                URI's SHA-1: the URI is wrong.
+                URI's SHA-1, or the chunk runs past its end: the URI is wrong.
         """
         if uri.chunk_of is not None:
             whole = self.get(uri.chunk_of.file_sha1)
-            if whole is not None and uri.chunk_of.end <= whole.size:
+            if whole is not None and uri.chunk_of.end > whole.size:
+                raise InvalidInput(
+                    f"{uri} is wrong: it ends at byte {uri.chunk_of.end}, past the end of"
+                    f" sha1://{uri.chunk_of.file_sha1} (stored here: {whole.size} bytes)"
+                )
+            if whole is not None:
                 got = _hash_range(whole.path, uri.chunk_of.start, uri.chunk_of.end)
                 if got != uri.sha1:
                     raise InvalidInput(

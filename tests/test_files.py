@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from kachery.node import files as files_module
 from kachery.node.api import StreamResult
 from kachery.node.daemon import Node
 from kachery.node.errors import NotPermitted, Unavailable
-from kachery.node.files import FileService, _read_blocks, _write_piece
+from kachery.node.files import FileService, _check_range, _read_blocks, _write_piece
 from kachery.protocol import FileURI, parse_file_uri
 from kachery.protocol.channel import Role
 from kachery.protocol.errors import InvalidInput
@@ -413,6 +414,19 @@ async def test_a_bulk_transfer_does_not_starve_control_messages(tmp_path: Path) 
                     answered_during += 1
             await finished.wait()
         assert answered_during == 5
+
+
+def test_a_byte_range_the_file_cannot_give_is_refused_in_words() -> None:
+    assert _check_range(10, None, 100) == (10, 100)
+    assert _check_range(0, 0, 100) == (0, 0)
+    for start, end, message in [
+        (9999999, None, "start 9999999 is past the end of the file (100 bytes)"),
+        (0, 101, "end 101 is past the end of the file (100 bytes)"),
+        (50, 40, "start 50 is after end 40"),
+        (-1, None, "a byte position cannot be negative"),
+    ]:
+        with pytest.raises(InvalidInput, match=re.escape(message)):
+            _check_range(start, end, 100)
 
 
 def test_served_ranges_are_read_straight_into_frame_payloads_and_pieces_written_back(

@@ -88,6 +88,9 @@ def test_a_chunk_is_located_in_its_whole_file_only_if_its_bytes_match(
     typo = parse_file_uri(f"sha1://{'0' * 40}?chunkOf={entry.sha1}~10~20")
     with pytest.raises(InvalidInput, match=f"is wrong: bytes 10..20 of .* hash to {right}"):
         home.files.locate(typo)
+    past = parse_file_uri(f"sha1://{right}?chunkOf={entry.sha1}~990~1010")
+    with pytest.raises(InvalidInput, match=r"ends at byte 1010, past the end .* 1000 bytes"):
+        home.files.locate(past)
 
 
 def test_plain_ls_hides_manifests_whether_or_not_their_file_is_stored(home: NodeHome) -> None:
