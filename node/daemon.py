@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from kachery.protocol.channel import Accepted, Announcement, Invite, parse_roles
+from kachery.protocol.channel import Accepted, Announcement, Invite, SignedDoc, parse_roles
 from kachery.protocol.errors import CloseCode, InvalidInput, KacheryError, RemoteProtocolError
 from kachery.protocol.messages import (
     ChannelLeave,
@@ -244,6 +244,10 @@ class Node:
         except HandshakeFailed as exc:
             log.info("inbound session not opened: %s", exc)
             return
+        if not admission.channels:  # a former member, told of its removal (_removal_news)
+            log.info("told %s... it was removed from a channel", identified.node_id[:16])
+            await link.close(CloseCode.NOT_A_MEMBER, "not a member of a shared channel any more")
+            return
         conn = PeerConnection(
             link,
             session,
@@ -271,6 +275,9 @@ class Node:
         await self._accept_claimed_docs(claim.docs)
         channels = self.membership.shared_channels(peer, among=claim.channels)
         if not channels:
+            news = self._removal_news(peer, claim)
+            if news:  # the session opens only to tell it; both sides then close it
+                return Admission(docs=tuple(news))
             raise Refusal(
                 CloseCode.NOT_A_MEMBER,
                 f"node {peer[:16]}... is not a member of any channel this node takes part in",
@@ -280,6 +287,36 @@ class Node:
             docs=tuple(self._current_docs(channels)),
             addresses=tuple(self.addresses),
         )
+
+    def _removal_news(self, peer: str, claim: Claim) -> list[dict[str, Any]]:
+        """For a node removed from claimed channels while it was away: the signed documents
+        after the one it holds, up to the one that removes it (none later: it is not told who
+        joined since). Without them it would re-dial their members, refused, for ever. Only a
+        node that shows a document of ours listing it as a member is told anything."""
+        news: list[dict[str, Any]] = []
+        for wire in claim.docs:
+            try:
+                held = SignedDoc.from_wire(wire)
+            except KacheryError:
+                continue  # _accept_claimed_docs logged it
+            channel, version = held.doc.channel_id, held.doc.version
+            if (
+                channel not in claim.channels
+                or not self.membership.has(channel)
+                or not self.membership.is_member(channel, self.node_id)
+                or self.membership.is_member(channel, peer)
+            ):
+                continue
+            later = self.membership.history(channel).docs_after(version - 1)
+            if not later or later[0].signature != held.signature:
+                continue  # not a document of this chain
+            if all(m.node_id != peer for m in held.doc.members):
+                continue  # it was not a member then either
+            for signed in later[1:]:
+                news.append(signed.to_wire())
+                if all(m.node_id != peer for m in signed.doc.members):
+                    break
+        return news
 
     async def _accept_claimed_docs(self, wire_docs: tuple[dict[str, Any], ...]) -> None:
         for wire in wire_docs:

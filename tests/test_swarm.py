@@ -166,6 +166,29 @@ async def test_a_removed_member_learns_it_and_stops_reaching_for_that_channel(
         assert again.membership.members_to_reach() == {}
 
 
+async def test_a_member_removed_while_away_is_told_when_it_comes_back(tmp_path: Path) -> None:
+    async with swarm(tmp_path) as s:
+        owner, a, _b, channel = await lab(s)
+        await wait(a, lambda: a.membership.history(channel).version == 3)
+        s.stop("a")
+        await wait(owner, lambda: a.node_id not in owner.connections)
+        a.home.close()
+        await owner.channel_remove("lab", a.node_id)
+        token = (await owner.channel_invite("lab", ["requestFiles"]))["token"]
+        late = await s.start("late")
+        await late.channel_join(token)  # joins after the removal: a must not learn of it
+        again = await s.start("a")
+        assert again.membership.is_member(channel, again.node_id)  # as it left things
+        # It dials the members it knows; they cannot admit it, but they tell it why.
+        await wait(again, lambda: not again.membership.is_member(channel, again.node_id))
+        assert again.membership.history(channel).version == 4
+        assert again.membership.members_to_reach() == {}
+        assert not again.connections
+        assert late.node_id not in {
+            m.node_id for m in again.membership.current(channel).doc.members
+        }
+
+
 async def test_a_document_taken_in_is_saved_even_when_the_taker_is_cancelled(
     tmp_path: Path,
 ) -> None:
