@@ -723,7 +723,7 @@ def cmd_channel_list(args: argparse.Namespace, out: TextIO) -> int:
             str(c.get("label", "")),
             str(c.get("members", "")),
             str(c.get("version", "")),
-            _show("roles", c.get("roles", [])),
+            _show("roles", c.get("roles", [])) if c.get("member", True) else "(removed)",
             str(c.get("channelId", ""))[:16],
         ]
         for c in channels

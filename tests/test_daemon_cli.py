@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import time
 
 from kachery.node.testing import EXE, Daemon
 
@@ -48,6 +49,14 @@ def test_a_lab_swarm_from_the_command_line(daemons: dict[str, Daemon]) -> None:
     assert lines["files"].strip().startswith("uploaded ")
     assert "{" not in text
     assert all(len(line) <= 100 for line in text.splitlines())
+    # A removed member's own list says so (its node learns it from the signed removal).
+    owner.cli("channel", "remove", "lab", b.node_id)
+    deadline = time.monotonic() + 30
+    while "(removed)" not in b.cli("channel", "list") and time.monotonic() < deadline:
+        time.sleep(0.2)  # polling from outside: the daemon takes the removal asynchronously
+    [row] = b.cli("channel", "list").splitlines()[1:]
+    assert row.split()[0] == "lab"
+    assert "(removed)" in row
     for d in (owner, a, b):
         assert d.stop() == 0
         assert "Traceback" not in "".join(d.log)
