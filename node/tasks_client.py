@@ -158,13 +158,19 @@ def _store_value(home: NodeHome, value: Any) -> tuple[str, ResultKind, bytes | N
     return str(home.files.store_bytes(data).uri()), kind, data
 
 
-def describe_exception(exc: BaseException) -> str:
-    """``ValueError: bad threshold (at sort.py:12 in spikesort)``: what a requester sees."""
-    frames = traceback.extract_tb(exc.__traceback__)
+def describe_exception(exc: BaseException, function_id: str | None = None) -> str:
+    """``ValueError: bad threshold (at sort.py:12 in spikesort)``: what a requester sees.
+
+    The place is the innermost frame outside this module; an error raised by the call itself
+    (a missing or unexpected argument) is placed at the call: ``(calling FUNCTION_ID)``.
+    """
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename != __file__]
     where = ""
     if frames:
         last = frames[-1]
         where = f" (at {Path(last.filename).name}:{last.lineno} in {last.name})"
+    elif function_id is not None:
+        where = f" (calling {function_id})"
     return clip_error(f"{type(exc).__name__}: {exc}{where}")
 
 
@@ -179,7 +185,7 @@ def execute_job(
     except BaseException as exc:  # SystemExit in a task must not silently end a worker thread
         if isinstance(exc, KeyboardInterrupt):
             raise
-        return {"status": "error", "error": describe_exception(exc)}
+        return {"status": "error", "error": describe_exception(exc, function.function_id)}
     if function.task_type is TaskType.ACTION:
         return {"status": "finished"}
     try:

@@ -21,9 +21,10 @@ import pytest
 import kachery.node as kn
 from kachery.node.errors import NodeError
 from kachery.node.home import HOME_ENV, NodeHome
-from kachery.node.tasks_client import load_result
+from kachery.node.tasks_client import TaskFunction, execute_job, load_result
 from kachery.node.testing import CommandFailed, Daemon
 from kachery.protocol.errors import InvalidInput
+from kachery.protocol.tasks import TaskType
 from kachery.storage.errors import NotFound
 
 WAIT = 60.0
@@ -280,3 +281,23 @@ def test_a_result_is_loaded_from_its_blob_or_through_the_index_and_its_loss_is_r
     assert load_result(str(stored.uri()), "json", data) == {"a": [1, 2]}
     with pytest.raises(NodeError, match="does not match its hash"):
         load_result(str(stored.uri()), "bytes", base64.b64encode(b"other").decode())
+
+
+def test_a_task_error_is_placed_in_the_task_or_at_the_call(tmp_path: Path) -> None:
+    home, _ = NodeHome.init(tmp_path / "home")
+
+    def threshold(spikes: list[int], limit: int) -> int:
+        if limit < 0:
+            raise ValueError(f"limit {limit} is negative")
+        return sum(1 for s in spikes if s > limit)
+
+    fn = TaskFunction("threshold.v1", TaskType.PURE, threshold)
+    raised = execute_job(home, fn, {"spikes": [1, 5], "limit": -1})
+    assert raised["error"].startswith("ValueError: limit -1 is negative (at test_tasks_daemon.py:")
+    assert raised["error"].endswith(" in threshold)")
+    # A wrong argument fails at the call: placed there, not inside kachery-node's worker.
+    missing = execute_job(home, fn, {"spikes": [1, 5]})
+    assert missing["error"].startswith("TypeError: ")
+    assert "missing 1 required positional argument: 'limit'" in missing["error"]
+    assert missing["error"].endswith("(calling threshold.v1)")
+    home.close()
