@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar
 from urllib.parse import urlsplit
 
-from kachery.protocol.channel import Role, parse_roles
+from kachery.protocol.channel import MAX_ADDRESS_CHARS, Role, parse_roles
 from kachery.protocol.errors import InvalidInput, KacheryError
 from kachery.protocol.uri import FileURI, parse_file_uri
 from kachery.storage.errors import NotFound
@@ -38,8 +38,6 @@ DEFAULT_LISTEN_PORT = 20432
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_LISTEN_PORT}"
 DEFAULT_API_PORT = 20431
 """kachery-daemon's API port, so tools that probe it find kachery-node."""
-MAX_ADDRESS_CHARS = 300
-"""The longest address a signed announcement may carry (protocol/channel.py)."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:

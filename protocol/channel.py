@@ -40,6 +40,9 @@ MAX_MEMBERS = 10_000
 MAX_ADDRESSES = 16
 """Addresses per announcement or bootstrap list."""
 
+MAX_ADDRESS_CHARS = 300
+"""Characters in one address."""
+
 MAX_LABEL = 200
 """Characters in a channel or member label."""
 
@@ -101,7 +104,11 @@ def _check_addresses(value: object, what: str) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or len(value) > MAX_ADDRESSES:
         raise InvalidInput(f"{what} must be a list of at most {MAX_ADDRESSES} addresses")
     for a in value:
-        if not isinstance(a, str) or not a.startswith(("ws://", "wss://")) or len(a) > 300:
+        if (
+            not isinstance(a, str)
+            or not a.startswith(("ws://", "wss://"))
+            or len(a) > MAX_ADDRESS_CHARS
+        ):
             raise InvalidInput(f"{what}: {a!r} is not a ws:// or wss:// address")
     return tuple(value)
 
