@@ -407,13 +407,8 @@ def cmd_load(args: argparse.Namespace, out: TextIO) -> int:
     if dest.is_dir():
         dest = dest / (Path(uri.label).name or uri.sha1)
     bar = ProgressBar(f"copying {dest.name}", hi - lo, enabled=None if not args.json else False)
-    check = None
-    if uri.chunk_of is not None:  # a chunk's bytes are checked before they replace DEST
-
-        def check(written: Path) -> None:
-            home.files.check_chunk(uri, written.read_bytes())
-
-    _write_file_atomically(dest, _read_range(path, lo, hi), bar, check=check)
+    # A chunk's bytes were checked where they were found (LocalFiles.locate, or the daemon).
+    _write_file_atomically(dest, _read_range(path, lo, hi), bar)
     bar.finish()
     _print_result(args.json, out, {"event": "loaded", "path": str(dest)}, str(dest))
     return 0
@@ -985,18 +980,8 @@ def _relative_range(
     return 0 if start is None else start, size if end is None else end
 
 
-def _write_file_atomically(
-    dest: Path,
-    blocks: Iterable[bytes],
-    bar: ProgressBar,
-    *,
-    check: Callable[[Path], None] | None = None,
-) -> None:
-    """Write blocks to a temporary file beside ``dest``, then rename: no partial ``dest``.
-
-    ``check`` (raising if the written file is wrong) runs on the temporary file before the
-    rename, so ``dest`` is left as it was whenever this raises.
-    """
+def _write_file_atomically(dest: Path, blocks: Iterable[bytes], bar: ProgressBar) -> None:
+    """Write blocks to a temporary file beside ``dest``, then rename: no partial ``dest``."""
     tmp = dest.with_name(f".{dest.name}.kachery-part")
     done = 0
     try:
@@ -1007,8 +992,6 @@ def _write_file_atomically(
                 bar.update(done)
             f.flush()
             os.fsync(f.fileno())
-        if check is not None:
-            check(tmp)
         os.replace(tmp, dest)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

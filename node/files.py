@@ -55,6 +55,7 @@ from kachery.protocol.messages import MsgType
 from kachery.protocol.penalties import PenaltyBox
 from kachery.protocol.session import DataBlock, DataReceived
 from kachery.protocol.uri import FileURI, parse_file_uri
+from kachery.storage.blobstore import hash_range
 from kachery.storage.errors import NotFound, StorageError, StoreFull, is_no_space
 from kachery.storage.files import FileEntry
 
@@ -988,7 +989,7 @@ class _Download:
             if frames is not None:
                 await trio.to_thread.run_sync(_hash_frames, hasher, frames)
             else:
-                await trio.to_thread.run_sync(_hash_range, hasher, fd, piece.start, piece.end)
+                await trio.to_thread.run_sync(hash_range, hasher, fd, piece.start, piece.end)
         self.whole = hasher.hexdigest()
         self._wake()
 
@@ -1045,13 +1046,3 @@ def _consume(views: list[memoryview], n: int) -> None:
 def _hash_frames(hasher: Any, frames: list[memoryview]) -> None:
     for frame in frames:
         hasher.update(frame)
-
-
-def _hash_range(hasher: Any, fd: int, start: int, end: int) -> None:
-    position = start
-    while position < end:
-        block = os.pread(fd, min(READ_BLOCK, end - position), position)
-        if not block:
-            raise OSError(f"partial file ends at {position}, expected {end}")
-        hasher.update(block)
-        position += len(block)

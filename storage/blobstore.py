@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from kachery.protocol.manifest import HashResult, PieceHasher
 
@@ -141,6 +141,22 @@ def hash_stream(
 ) -> HashResult:
     """Hash a stream without storing it (for ``link`` and ``verify``)."""
     return _copy_and_hash(source, None, expected_size, progress)
+
+
+def hash_range(hasher: Any, fd: int, start: int, end: int) -> None:
+    """Feed bytes ``[start, end)`` of an open file to ``hasher`` (a hashlib object), a block at
+    a time (hashlib releases the GIL: call it in a worker thread).
+
+    Raises:
+        SourceChanged: the file ends before ``end``.
+    """
+    position = start
+    while position < end:
+        block = os.pread(fd, min(BLOCK_SIZE, end - position), position)
+        if not block:
+            raise SourceChanged(f"the file ends at byte {position}, before {end}")
+        hasher.update(block)
+        position += len(block)
 
 
 def hash_path(path: Path, *, progress: Progress | None = None) -> HashResult:

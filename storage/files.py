@@ -26,9 +26,17 @@ from kachery.protocol.manifest import MAX_MANIFEST_BYTES, HashResult, Manifest
 from kachery.protocol.uri import FileURI
 
 from . import schema
-from .blobstore import BLOCK_SIZE, BlobStore, Progress, hash_path, hash_stream, open_source
+from .blobstore import (
+    BLOCK_SIZE,
+    BlobStore,
+    Progress,
+    hash_path,
+    hash_range,
+    hash_stream,
+    open_source,
+)
 from .db import Database
-from .errors import CorruptData, NotFound, SourceChanged, SourceUnreadable
+from .errors import NotFound, SourceChanged, SourceUnreadable
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +239,10 @@ class LocalFiles:
                     f" sha1://{uri.chunk_of.file_sha1} (stored here: {whole.size} bytes)"
                 )
             if whole is not None:
-                got = _hash_range(whole.path, uri.chunk_of.start, uri.chunk_of.end)
+                hasher = hashlib.sha1()
+                with open(whole.path, "rb", buffering=0) as f:
+                    hash_range(hasher, f.fileno(), uri.chunk_of.start, uri.chunk_of.end)
+                got = hasher.hexdigest()
                 if got != uri.sha1:
                     raise InvalidInput(
                         f"{uri} is wrong: bytes {uri.chunk_of.start}..{uri.chunk_of.end} of"
@@ -382,12 +393,6 @@ class LocalFiles:
         if row is None or row.linked_path is None:
             self.blobs.remove(sha1)
 
-    def check_chunk(self, uri: FileURI, data: bytes) -> None:
-        """Raise CorruptData unless ``data`` hashes to the chunk URI's SHA-1."""
-        got = hashlib.sha1(data).hexdigest()
-        if got != uri.sha1:
-            raise CorruptData(f"bytes of {uri} hash to {got}")
-
     # -- rows ----------------------------------------------------------------------------------
 
     @staticmethod
@@ -436,18 +441,3 @@ def _stat(path: Path) -> os.stat_result:
         raise SourceUnreadable(f"{path}: no such file") from None
     except OSError as exc:
         raise SourceUnreadable(f"{path}: {exc.strerror}") from None
-
-
-def _hash_range(path: Path, start: int, end: int) -> str:
-    """The SHA-1 of bytes ``[start, end)`` of a file (read in blocks)."""
-    hasher = hashlib.sha1()
-    with open(path, "rb", buffering=0) as f:
-        f.seek(start)
-        left = end - start
-        while left > 0:
-            block = f.read(min(BLOCK_SIZE, left))
-            if not block:
-                raise SourceChanged(f"{path} ends before byte {end}")
-            hasher.update(block)
-            left -= len(block)
-    return hasher.hexdigest()
