@@ -310,11 +310,11 @@ class Node:
             later = self.membership.history(channel).docs_after(version - 1)
             if not later or later[0].signature != held.signature:
                 continue  # not a document of this chain
-            if all(m.node_id != peer for m in held.doc.members):
+            if held.doc.member(peer) is None:
                 continue  # it was not a member then either
             for signed in later[1:]:
                 news.append(signed.to_wire())
-                if all(m.node_id != peer for m in signed.doc.members):
+                if signed.doc.member(peer) is None:
                     break
         return news
 
