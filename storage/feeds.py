@@ -440,9 +440,9 @@ class FeedStore:
     def chain_after(self, sf: int, n: int) -> bytes | None:
         """The chain hash after message ``n`` (``c(n + 1)``), or None if it is not held."""
         msg = schema.feed_messages
+        if not 0 <= n < 1 << MESSAGE_NUMBER_BITS:
+            return None
         with self.db.begin() as conn:
-            if not 0 <= n < 1 << MESSAGE_NUMBER_BITS:
-                return None
             row = conn.execute(
                 select(msg.c.chain).where(msg.c.msg_key == message_key(sf, n))
             ).first()

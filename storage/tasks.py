@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from sqlalchemy import Row, delete, select
 from sqlalchemy.engine import Connection
@@ -108,12 +109,11 @@ class TaskStore:
         """The bytes of a small result with SHA-1 ``sha1`` kept in a result's record, if one
         holds them and they still hash to it (else None)."""
         t = schema.task_results
-        prefix = f"sha1://{sha1}"  # then "/label", "?manifest=..." or nothing: all below "~"
         with self.db.begin() as conn:
             rows = conn.execute(
                 select(t.c.result_data).where(
-                    t.c.result_uri >= prefix,
-                    t.c.result_uri < prefix + "~",
+                    # then "/label", "?manifest=..." or nothing
+                    *_starting(t.c.result_uri, f"sha1://{sha1}"),
                     t.c.result_data.is_not(None),
                 )
             ).all()
@@ -130,7 +130,7 @@ class TaskStore:
         with self.db.begin() as conn:
             rows = conn.execute(
                 select(t.c.task_id)
-                .where(t.c.task_id >= prefix, t.c.task_id < prefix + "~")
+                .where(*_starting(t.c.task_id, prefix))
                 .distinct()
                 .order_by(t.c.task_id)
                 .limit(limit)
@@ -255,3 +255,9 @@ def _action_row(conn: Connection, requester: str, request_id: str) -> ActionReco
         select(t).where(t.c.requester == requester, t.c.request_id == request_id)
     ).first()
     return None if row is None else ActionRecord(**row._mapping)
+
+
+def _starting(column: Any, prefix: str) -> tuple[Any, Any]:
+    """SQL conditions: ``column`` begins with ``prefix`` (IDs and URIs are ASCII below "~"), as
+    a range the column's index serves, where LIKE would scan."""
+    return column >= prefix, column < prefix + "~"
