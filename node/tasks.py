@@ -1651,9 +1651,7 @@ class TaskService:
     ) -> AsyncIterator[dict[str, Any] | StreamResult]:
         """Stream a request's state each time it changes (unless ``changes`` is false), until it
         ends (or ``within_seconds`` pass); the result is its last state."""
-        req = self._requests.get(request_id)
-        if req is None:
-            raise NotFound(f"no task request {request_id} on this node (it may have restarted)")
+        req = self._request(request_id)
         names = self._names()
         deadline = self._deadline(within_seconds)
         shown: tuple[Any, ...] | None = None
@@ -1673,13 +1671,22 @@ class TaskService:
     ) -> dict[str, Any]:
         """A request's state once it ends (or once ``within_seconds`` pass): ``task_wait``
         without its events, answered as one plain reply."""
-        req = self._requests.get(request_id)
-        if req is None:
-            raise NotFound(f"no task request {request_id} on this node (it may have restarted)")
+        req = self._request(request_id)
         deadline = self._deadline(within_seconds)
         while not req.terminal and trio.current_time() < deadline:
             await req.wait_until(deadline)
         return req.snapshot(self._names(), data=True)
+
+    def _request(self, request_id: str) -> _Request:
+        """A request made here, by its ID.
+
+        Raises:
+            NotFound: no such request (or the daemon restarted since).
+        """
+        req = self._requests.get(request_id)
+        if req is None:
+            raise NotFound(f"no task request {request_id} on this node (it may have restarted)")
+        return req
 
     def _deadline(self, within_seconds: float | None) -> float:
         return math.inf if within_seconds is None else trio.current_time() + within_seconds
