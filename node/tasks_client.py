@@ -33,6 +33,7 @@ for that) and killing a hung task (its request times out; restart the worker).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -60,7 +61,7 @@ from kachery.protocol.tasks import (
     is_inline_result,
     parse_task_type,
 )
-from kachery.protocol.uri import parse_file_uri
+from kachery.protocol.uri import FileURI, parse_file_uri
 from kachery.storage.errors import NotFound
 
 from .client import DaemonClient
@@ -140,22 +141,24 @@ def store_result(home: NodeHome, value: Any) -> tuple[str, ResultKind]:
         InvalidInput: the value is none of these (the message names what is not JSON).
         KacheryError: the store failed (disk full, file missing).
     """
-    uri, kind, _ = _store_value(home, value)
-    return uri, kind
-
-
-def _store_value(home: NodeHome, value: Any) -> tuple[str, ResultKind, bytes | None]:
-    """``store_result``, and the bytes stored unless the value was a file."""
     if isinstance(value, os.PathLike):
         path = Path(value)
-        return str(home.files.store_path(path).uri(path.name)), ResultKind.FILE, None
+        return str(home.files.store_path(path).uri(path.name)), ResultKind.FILE
+    data, kind = _result_bytes(value)
+    return str(home.files.store_bytes(data).uri()), kind
+
+
+def _result_bytes(value: Any) -> tuple[bytes, ResultKind]:
+    """A bytes or JSON result as the bytes its file holds.
+
+    Raises:
+        InvalidInput: the value is not JSON (the message names what is not).
+    """
     if isinstance(value, bytes | bytearray | memoryview):
-        data, kind = bytes(value), ResultKind.BYTES
-    else:
-        check_json_value(value, "the result")
-        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        data, kind = text.encode("utf-8"), ResultKind.JSON
-    return str(home.files.store_bytes(data).uri()), kind, data
+        return bytes(value), ResultKind.BYTES
+    check_json_value(value, "the result")
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8"), ResultKind.JSON
 
 
 def describe_exception(exc: BaseException, function_id: str | None = None) -> str:
@@ -178,8 +181,13 @@ def execute_job(
     home: NodeHome, function: TaskFunction, kwargs: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Run one job and store its result; returns the report (``status``, and ``error`` or
-    ``result_uri``, ``result_kind`` and for a small result ``result_data``, its bytes in base64,
-    so the daemon need not read them back) for ``task_backend_report``."""
+    ``result_uri``, ``result_kind`` and for a small result ``result_data``) for
+    ``task_backend_report``.
+
+    A small result (at most INLINE_RESULT_BYTES) is not written to the store: its bytes go
+    with the report (base64), and the daemon keeps them in the result's record, in the same
+    transaction. A larger one, or a file, is stored and reported by its URI.
+    """
     try:
         value = function.func(**kwargs)
     except BaseException as exc:  # SystemExit in a task must not silently end a worker thread
@@ -189,13 +197,25 @@ def execute_job(
     if function.task_type is TaskType.ACTION:
         return {"status": "finished"}
     try:
-        uri, kind, data = _store_value(home, value)
+        result = _result_report(home, value)
     except KacheryError as exc:
         return {"status": "error", "error": f"its result could not be stored: {exc}"}
-    report = {"status": "finished", "result_uri": uri, "result_kind": str(kind)}
-    if data is not None and len(data) <= INLINE_RESULT_BYTES:
-        report["result_data"] = base64.b64encode(data).decode("ascii")
-    return report
+    return {"status": "finished", **result}
+
+
+def _result_report(home: NodeHome, value: Any) -> dict[str, str]:
+    """A job's result as its report gives it: stored (a file, or large), or small and inline."""
+    if isinstance(value, os.PathLike):
+        uri, kind = store_result(home, value)
+        return {"result_uri": uri, "result_kind": str(kind)}
+    data, kind = _result_bytes(value)
+    if len(data) > INLINE_RESULT_BYTES:
+        return {"result_uri": str(home.files.store_bytes(data).uri()), "result_kind": str(kind)}
+    return {
+        "result_uri": str(FileURI(sha1=hashlib.sha1(data).hexdigest())),
+        "result_kind": str(kind),
+        "result_data": base64.b64encode(data).decode("ascii"),
+    }
 
 
 class _Worker:

@@ -6,6 +6,7 @@ elsewhere, or fails once its timeout passes."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import queue
@@ -24,7 +25,7 @@ from kachery.node.home import HOME_ENV, NodeHome
 from kachery.node.tasks_client import TaskFunction, execute_job, load_result
 from kachery.node.testing import CommandFailed, Daemon
 from kachery.protocol.errors import InvalidInput
-from kachery.protocol.tasks import TaskType
+from kachery.protocol.tasks import INLINE_RESULT_BYTES, TaskType
 from kachery.storage.errors import NotFound
 
 WAIT = 60.0
@@ -300,4 +301,27 @@ def test_a_task_error_is_placed_in_the_task_or_at_the_call(tmp_path: Path) -> No
     assert missing["error"].startswith("TypeError: ")
     assert "missing 1 required positional argument: 'limit'" in missing["error"]
     assert missing["error"].endswith("(calling threshold.v1)")
+    home.close()
+
+
+def test_a_small_result_goes_with_the_report_and_a_large_one_into_the_store(
+    tmp_path: Path,
+) -> None:
+    home, _ = NodeHome.init(tmp_path / "home")
+    fn = TaskFunction("echo.v1", TaskType.PURE, lambda value: value)
+    small = execute_job(home, fn, {"value": {"units": [1, 2]}})
+    data = b'{"units":[1,2]}'
+    assert small == {
+        "status": "finished",
+        "result_uri": f"sha1://{hashlib.sha1(data).hexdigest()}",
+        "result_kind": "json",
+        "result_data": base64.b64encode(data).decode("ascii"),
+    }
+    # Kept by the daemon in the result's record: the worker writes no blob of its own.
+    assert not home.blobs.has(hashlib.sha1(data).hexdigest())
+    large = os.urandom(INLINE_RESULT_BYTES + 1)
+    report = execute_job(home, fn, {"value": large})
+    assert "result_data" not in report
+    assert report["result_uri"] == f"sha1://{hashlib.sha1(large).hexdigest()}"
+    assert home.blobs.blob_path(hashlib.sha1(large).hexdigest()).read_bytes() == large
     home.close()
