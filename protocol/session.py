@@ -28,7 +28,6 @@ misuse) or ``RemoteProtocolError`` (the peer's).
 from __future__ import annotations
 
 import hashlib
-import importlib
 import struct
 from dataclasses import dataclass, field
 from enum import Enum
@@ -38,6 +37,7 @@ import nacl.bindings
 import nacl.exceptions
 
 from ._hex import is_public_key_hex
+from ._sodium import libsodium
 from .codec import decode, encode
 from .errors import CloseCode, LocalProtocolError, RemoteProtocolError
 from .identity import KeyPair, verify
@@ -243,39 +243,12 @@ def _bad(message: str, code: CloseCode = CloseCode.PROTOCOL_ERROR) -> RemoteProt
     return RemoteProtocolError(message, close_code=code)
 
 
-@dataclass(frozen=True, slots=True)
-class _Sodium:
-    """PyNaCl's compiled libsodium, called directly (see ``_libsodium``)."""
-
-    ffi: Any
-    lib: Any
-    uncleared: Any
-    """Allocates C buffers without zero-filling them (each byte is written before use)."""
-
-
-def _libsodium() -> _Sodium | None:
-    """PyNaCl's compiled libsodium, or None if this PyNaCl build does not expose it.
-
-    ``nacl.bindings.crypto_aead_aegis256_*`` allocate a zero-filled output buffer and copy the
-    result out of it on every call: 230 us per 256 KiB frame with glibc's default allocator
-    (each buffer is a fresh mmap) and ~44 us in the tuned daemon, against ~27 us for the cipher
-    itself. Calling the same libsodium function directly, into a buffer that is not cleared,
-    removes most of that. ``nacl._sodium`` is PyNaCl's private module: when it is missing or
-    lacks AEGIS-256, the public bindings are used (same bytes on the wire; tests check that
-    the two agree).
-    """
-    try:
-        sodium = importlib.import_module("nacl._sodium")
-    except ImportError:
-        return None
-    ffi, lib = getattr(sodium, "ffi", None), getattr(sodium, "lib", None)
-    needed = ("crypto_aead_aegis256_encrypt", "crypto_aead_aegis256_decrypt")
-    if ffi is None or not all(hasattr(lib, name) for name in needed):
-        return None
-    return _Sodium(ffi, lib, ffi.new_allocator(should_clear_after_alloc=False))
-
-
-_SODIUM = _libsodium()
+_SODIUM = libsodium("crypto_aead_aegis256_encrypt", "crypto_aead_aegis256_decrypt")
+"""``nacl.bindings.crypto_aead_aegis256_*`` allocate a zero-filled output buffer and copy the
+result out of it on every call: 230 us per 256 KiB frame with glibc's default allocator (each
+buffer is a fresh mmap) and ~44 us in the tuned daemon, against ~27 us for the cipher itself.
+Calling the same libsodium function directly, into a buffer that is not cleared, removes most
+of that (None: this PyNaCl does not expose it; the public bindings are used)."""
 
 
 class _Cipher:
