@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +62,7 @@ import cbor2
 
 from ._hex import is_public_key_hex, is_sha1_hex
 from .errors import CloseCode, InvalidInput, KacheryError, RemoteProtocolError
-from .identity import SIGNATURE_BYTES, KeyPair, verify
+from .identity import SIGNATURE_BYTES, KeyPair, Nonce, verify
 from .kachery_json import JSONValue
 
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -432,6 +432,8 @@ class SignedBatch:
     """``chains[i]``: the chain value after message ``start + i``."""
     checkpoints: list[Checkpoint]
     head: Head
+    precomputed: int = 0
+    """How many of the messages were signed with a precomputed nonce (the rest by RFC 8032)."""
 
     def __len__(self) -> int:
         return len(self.bodies)
@@ -450,14 +452,24 @@ class FeedSigner:
         ref: the subfeed (its feed ID must be ``key.id``).
         head: what is stored of the subfeed.
         last_checkpoint: the count of the newest stored checkpoint (0 if none).
+        nonces: returns a fresh precomputed nonce, or None when it has none ready; each message
+            is then signed with it (``KeyPair.sign_with``, ~2.5 us) instead of by RFC 8032 (~20
+            us). Checkpoints are always signed by RFC 8032.
     """
 
     def __init__(
-        self, key: KeyPair, ref: SubfeedRef, head: Head, *, last_checkpoint: int = 0
+        self,
+        key: KeyPair,
+        ref: SubfeedRef,
+        head: Head,
+        *,
+        last_checkpoint: int = 0,
+        nonces: Callable[[], Nonce | None] | None = None,
     ) -> None:
         if key.id != ref.feed_id:
             raise InvalidInput("a subfeed is signed by its own feed key")
         self.key = key
+        self.nonces = nonces
         self.ref = ref
         self.head = head
         self._writer = BodyWriter(ref)
@@ -476,8 +488,9 @@ class FeedSigner:
         """
         if not 0 <= timestamp <= _MAX_NUMBER:
             raise InvalidInput(f"timestamp {timestamp} is out of range")
-        sign = self.key.sign
+        sign, sign_with, take = self.key.sign, self.key.sign_with, self.nonces
         body_of = self._writer.body
+        precomputed = 0
         count, previous, chain = self.head.count, self.head.last_signature, self.head.chain
         start = count
         bodies: list[bytes] = []
@@ -487,7 +500,12 @@ class FeedSigner:
         last_cp, since = self._last_checkpoint, self._bytes_since_checkpoint
         for message in messages:
             body = body_of(count, previous, timestamp, message, metadata)
-            signature = sign(body)
+            nonce = None if take is None else take()
+            if nonce is None:
+                signature = sign(body)
+            else:
+                signature = sign_with(body, nonce)
+                precomputed += 1
             chain = chain_next(chain, signature, body)
             bodies.append(body)
             signatures.append(signature)
@@ -505,6 +523,7 @@ class FeedSigner:
             chains=chains,
             checkpoints=checkpoints,
             head=Head(count, previous, chain),
+            precomputed=precomputed,
         )
 
     def commit(self, batch: SignedBatch) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,7 +40,7 @@ from kachery.protocol.feeds import (
     fork_evidence,
     prepare_batch,
 )
-from kachery.protocol.identity import KeyPair
+from kachery.protocol.identity import KeyPair, Nonce
 from kachery.protocol.uri import subfeed_hash
 
 KEY = KeyPair(hashlib.sha256(b"feed key").digest())
@@ -256,6 +257,33 @@ def test_a_signed_message_that_does_not_follow_the_held_head_is_a_suspected_fork
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
+
+
+def test_messages_signed_with_precomputed_nonces_or_without_make_one_valid_chain() -> None:
+    """The signer takes a nonce per message when it has one and signs by RFC 8032 when not
+    (a dry reserve); receivers check either kind the same way, and no nonce signs twice."""
+    supply = [Nonce(os.urandom(64)) for _ in range(40)]
+    calls = 0
+
+    def take() -> Nonce | None:
+        nonlocal calls
+        calls += 1
+        return None if calls % 3 == 0 else supply.pop()  # every third message: none ready
+
+    signer = FeedSigner(KEY, REF, Head.empty(REF), nonces=take)
+    values = [encode_message_value(i) for i in range(30)]
+    first = signer.sign(values, timestamp=T0)
+    assert first.precomputed == 20
+    again = signer.sign(values, timestamp=T0)  # not stored, so signed again: with new nonces
+    assert again.precomputed == 20
+    assert not supply
+    signer.commit(again)
+    prepared, head = accept([[b, s] for b, s in zip(again.bodies, again.signatures, strict=True)])
+    assert head == again.head
+    assert len(prepared.unproven) == 30
+    rfc = [s for s, b in zip(again.signatures, again.bodies, strict=True) if KEY.sign(b) == s]
+    assert len(rfc) == 10  # the messages signed while no nonce was ready are plain RFC 8032
+    assert {s[:32] for s in first.signatures}.isdisjoint(s[:32] for s in again.signatures)
 
 
 def test_the_owner_signs_checkpoints_and_they_prove_a_whole_batch_with_one_signature() -> None:
