@@ -63,6 +63,16 @@ class Nonce:
         # Raises for r = 0 (probability 2^-252): R would be the identity.
         self._point = nacl.bindings.crypto_scalarmult_ed25519_base_noclamp(self._scalar)
 
+    @classmethod
+    def precomputed(cls, scalar: bytes, point: bytes) -> Nonce:
+        """A nonce made by ``Nonce(random)`` elsewhere (the node's nonce maker process) and
+        passed on as r and R, which are trusted as given: R is not computed again."""
+        if len(scalar) != 32 or len(point) != 32:
+            raise InvalidInput("a precomputed nonce is a 32-byte scalar and a 32-byte point")
+        nonce = cls.__new__(cls)
+        nonce._scalar, nonce._point = scalar, point
+        return nonce
+
     def spend(self) -> tuple[bytes, bytes]:
         """(r, R), once.
 

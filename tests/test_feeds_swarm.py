@@ -38,6 +38,7 @@ from kachery.protocol.uri import subfeed_hash
 from kachery.storage.errors import AlreadyExists, DatabaseError, NotFound
 
 from .swarm import WAIT, Swarm, lab, swarm, wait
+from .test_nonces import first_nonce
 
 
 def feeds(node: Node) -> FeedService:
@@ -340,6 +341,29 @@ async def test_a_subscriber_follows_live_and_watchers_see_each_message_as_it_arr
             nursery.cancel_scope.cancel()
         assert seen == [{"entry": i} for i in range(20)]
         assert feeds(owner).stats.pushes_sent >= 19  # eager pushes, not polling
+
+
+async def test_messages_signed_with_precomputed_nonces_are_verified_one_by_one_by_a_follower(
+    tmp_path: Path,
+) -> None:
+    async with swarm(tmp_path) as s:
+        owner, a, _b, _channel = await lab(s)
+        ref, uri = await notebook(owner)
+        await feeds(owner).feed_append(uri, ["first"])  # the first take starts the nonce maker
+        await first_nonce(feeds(owner).nonces)
+        await trio.sleep(0.2)  # and it gets well ahead
+        feeds(a).verify_every_signature = True  # no checkpoint shortcut: every signature
+        await feeds(a).feed_subscribe(uri, "lab")
+        await followed_by(a, owner, ref)
+        for i in range(50):
+            await feeds(owner).append(ref, [i])
+        await feeds(owner).append(ref, list(range(50, 300)))
+        assert feeds(owner).stats.signed_with_precomputed_nonce == 300
+        await has(a, ref, 301)
+        assert feeds(a).stats.offences == 0
+        assert feeds(a).stats.verified_one_by_one >= 300
+        read = await feeds(a).feed_read(uri, start=0, limit=400)
+        assert [m["message"] for m in read["messages"]] == ["first", *range(300)]
 
 
 async def test_a_follower_waits_with_wait_msec_for_the_next_message(tmp_path: Path) -> None:
