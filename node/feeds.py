@@ -124,6 +124,9 @@ INLINE_WRITE = 128
 (about 5 us a row, so the loop is blocked for under a millisecond; a worker-thread hop costs
 ~100 us in this path)."""
 
+YIELD_EVERY_SECONDS = 0.0005
+"""Writes stored inline yield to the scheduler at least this often (see ``_commit``)."""
+
 VERIFY_THREADS = 2
 """Worker threads that check signatures of a batch in parallel (libsodium releases the GIL)."""
 
@@ -309,6 +312,7 @@ class FeedService:
         self._queue: list[_Write] = []
         self._committing = False
         self._appenders = 0
+        self._yielded_at = 0.0
         self._wal_since_checkpoint = 0
         self._wal_checkpointing = False
         self._nursery: trio.Nursery | None = None
@@ -460,6 +464,12 @@ class FeedService:
         in the order they were queued, which for an owner is the order they were signed. A lone
         owner's append (no other appender, nothing queued) skips the yield: nobody could join it.
 
+        A write stored inline without yielding returns without a schedule point unless the
+        event loop has not had one from here for YIELD_EVERY_SECONDS (Tokio's cooperative budget,
+        by time): a trip through Trio's scheduler is ~7 us, a tenth of a one-message append,
+        and a caller appending in a tight loop still lets every other task run twice a
+        millisecond. Cancellation is checked on every call.
+
         Raises:
             KacheryError: the write failed; nothing of it (or of later writes to the same
                 subfeeds queued with it) was stored.
@@ -482,9 +492,22 @@ class FeedService:
                                 await self._write_in_thread(group)
             finally:
                 self._committing = False
-        await write.done.wait()
+        if write.done.is_set():
+            await self._cooperate()
+        else:
+            await write.done.wait()
         if write.error is not None:
             raise write.error
+
+    async def _cooperate(self) -> None:
+        """A schedule point if there was none here for YIELD_EVERY_SECONDS, else only a
+        cancellation check (see ``_commit``)."""
+        now = time.perf_counter()
+        if now - self._yielded_at >= YIELD_EVERY_SECONDS:
+            self._yielded_at = now
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
 
     def _write_inline(self, group: list[_Write]) -> bool:
         """Store a small group on the event loop if the database is free (the loop does not
