@@ -10,8 +10,8 @@ The paths, and where their time goes:
 - **Append** (owner): encode and check the values, sign (in series: the chain forbids signing in
   parallel; ~2.5 us each with a nonce precomputed on another core by ``NonceReserve``, ~20 us by
   RFC 8032 when the reserve is dry), store in one transaction, then acknowledge. Small appends
-  write inline on the event loop (a one-row commit costs ~24 us, a hop to a worker thread ~54 us
-  more); bigger ones, and any write that finds the database locked, go to a worker thread. Only
+  write inline on the event loop (a one-row commit costs ~17-20 us, a hop to a worker thread ~54
+  us more); bigger ones, and any write that finds the database locked, go to a worker thread. Only
   after the commit is a message pushed to peers: a message the owner could lose after publishing
   would make it sign a different message with the same number (a fork) after a restart.
 - **Live push**: after every change, a flusher task pushes everything new to the eager peers in

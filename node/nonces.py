@@ -128,6 +128,9 @@ class NonceReserve:
             os.close(read_end)
             log.warning("cannot start the nonce maker (%s): feed appends sign by RFC 8032", exc)
             return True
+        except BaseException:
+            os.close(read_end)
+            raise
         finally:
             os.close(write_end)
         self.starts += 1
