@@ -136,8 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print progress and the result as JSON lines"
     )
 
-    p = command("downloads", cmd_downloads, "list interrupted loads (run load again to resume)")
+    p = command(
+        "downloads",
+        cmd_downloads,
+        "list unfinished loads, or discard one to free its space",
+        "An unfinished load is one loading now, one that was interrupted, or a file read only in\n"
+        "part (cat --start/--end fetches just the pieces a range needs). Its verified pieces stay\n"
+        "on disk: run load again to finish it, or discard it (a later load starts over).\n\n"
+        "examples:\n"
+        "  kachery-node downloads\n"
+        "  kachery-node downloads --discard sha1://4f2a...   # or just the 40 hex digits",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON array")
+    p.add_argument(
+        "--discard",
+        metavar="URI",
+        action="append",
+        help="drop this unfinished load and its partial file (repeatable)",
+    )
 
     p = command("find", cmd_find, "list the connected members that provide a file")
     p.add_argument("uri", metavar="URI")
@@ -415,15 +431,31 @@ def cmd_load(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_downloads(args: argparse.Namespace, out: TextIO) -> int:
-    downloads = _daemon().call("file_downloads")
+    daemon = _daemon()
+    if args.discard:
+        uris = [u if "://" in u else f"sha1://{u}" for u in args.discard]
+        for uri in uris:
+            parse_file_uri(uri)  # every URI checked before anything is dropped
+        for uri in uris:
+            done = daemon.call("file_discard_download", uri=uri)
+            if args.json:
+                print(json.dumps(done), file=out)
+            else:
+                freed = format_bytes(done["freedBytes"])
+                print(f"discarded sha1://{done['sha1']} ({freed} freed)", file=out)
+        return 0
+    downloads = daemon.call("file_downloads")
     if args.json:
         print(json.dumps(downloads), file=out)
         return 0
+    if not downloads:
+        print("no unfinished loads", file=out)
     for d in downloads:
-        state = "loading" if d["active"] else "interrupted"
-        size = format_bytes(d["size"])
+        state = "loading" if d["active"] else "unfinished"
         print(
-            f"sha1://{d['sha1']}  {size}  {d['verifiedPieces']} pieces verified  {state}", file=out
+            f"sha1://{d['sha1']}  {format_bytes(d['size'])}  {d['verifiedPieces']}/{d['pieces']}"
+            f" pieces verified ({format_bytes(d['verifiedBytes'])})  {state}",
+            file=out,
         )
     return 0
 

@@ -50,7 +50,7 @@ from kachery.protocol.files import (
     Piece,
     pieces_of,
 )
-from kachery.protocol.manifest import HashResult, Manifest
+from kachery.protocol.manifest import HashResult, Manifest, chunk_ranges
 from kachery.protocol.messages import MsgType
 from kachery.protocol.penalties import PenaltyBox
 from kachery.protocol.session import DataBlock, DataReceived
@@ -720,18 +720,52 @@ class FileService:
 
     @exposed
     async def file_downloads(self) -> list[dict[str, Any]]:
-        """Downloads interrupted or in progress, with their verified pieces."""
+        """Unfinished downloads (loading now, interrupted, or fetched only in part for a byte
+        range), with their verified pieces and the bytes those hold on disk."""
         records = await self.node.run_sync(self.downloads.all)
-        return [
-            {
-                "sha1": r.sha1,
-                "size": r.size,
-                "manifestSha1": r.manifest_sha1,
-                "verifiedPieces": len(r.verified),
-                "active": r.sha1 in self._active,
-            }
-            for r in records
-        ]
+        out = []
+        for r in records:
+            ranges = chunk_ranges(r.size) if r.manifest_sha1 is not None else [(0, r.size)]
+            held = sum(b - a for i, (a, b) in enumerate(ranges) if i in r.verified)
+            out.append(
+                {
+                    "sha1": r.sha1,
+                    "size": r.size,
+                    "manifestSha1": r.manifest_sha1,
+                    "verifiedPieces": len(r.verified),
+                    "pieces": len(ranges),
+                    "verifiedBytes": held,
+                    "active": r.sha1 in self._active,
+                }
+            )
+        return out
+
+    @exposed
+    async def file_discard_download(self, uri: str) -> dict[str, Any]:
+        """Drop an unfinished download, its partial file and its verified pieces, to free the
+        space (a later load starts over). Not while it is loading.
+
+        Raises:
+            InvalidInput: ``uri`` is not a sha1:// URI, or that file is loading now.
+            NotFound: there is no unfinished download of it.
+        """
+        sha1 = parse_file_uri(uri).sha1
+        if sha1 in self._active:
+            raise InvalidInput(f"sha1://{sha1} is loading now: stop that load first")
+        done = self._active[sha1] = (
+            trio.Event()
+        )  # a load asked for meanwhile waits, then starts over
+        try:
+            record = await self.node.run_sync(self.downloads.get, sha1)
+            if record is None:
+                raise NotFound(f"no unfinished download of sha1://{sha1} on this node")
+            freed = await self.node.run_sync(_disk_bytes, self.downloads.partial_path(sha1))
+            await self.node.run_sync(self.downloads.forget, sha1)
+        finally:
+            del self._active[sha1]
+            done.set()
+        log.info("discarded the unfinished download of sha1://%s (%d bytes)", sha1, freed)
+        return {"sha1": sha1, "freedBytes": freed}
 
 
 def _check_range(start: int, end: int | None, size: int) -> tuple[int, int]:
@@ -1017,6 +1051,14 @@ def _write_piece(fd: int, offset: int, frames: list[memoryview]) -> None:
         written = os.pwritev(fd, pending[:IOV_BATCH], offset)
         offset += written
         _consume(pending, written)
+
+
+def _disk_bytes(path: Path) -> int:
+    """The disk space a (sparse) file takes: 0 if it is gone."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
 
 
 def _read_blocks(fd: int, position: int, size: int) -> list[DataBlock] | None:

@@ -15,6 +15,7 @@ import pytest
 import kachery.node as kn
 from kachery.node.home import HOME_ENV, NodeHome
 from kachery.node.testing import EXE, Daemon
+from kachery.protocol import parse_file_uri
 
 PIECE = 20_000_000
 
@@ -109,3 +110,20 @@ def test_a_file_that_is_not_what_load_json_expects_raises_a_kachery_error(
     not_text = kn.store_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(kn.KacheryError, match="is not UTF-8 text"):
         kn.load_text(not_text)
+
+
+def test_downloads_lists_a_file_read_in_part_and_discards_it(
+    pair: tuple[Daemon, Daemon], tmp_path: Path
+) -> None:
+    provider, member = pair
+    src = tmp_path / "recording.dat"
+    src.write_bytes(b"0123456789" * 4_500_000)  # 45 MB: three pieces
+    uri = provider.cli("store", str(src)).strip()
+    assert member.cli("cat", uri, "--start", "5", "--end", "12") == "5678901"
+    listed = member.cli("downloads")
+    assert "42.9 MiB  1/3 pieces verified (19.1 MiB)  unfinished" in listed
+    sha1 = parse_file_uri(uri).sha1
+    assert member.cli("downloads", "--discard", sha1).startswith(f"discarded sha1://{sha1} (")
+    assert member.cli("downloads") == "no unfinished loads\n"
+    failed = member.cli("downloads", "--discard", uri, check=False)
+    assert "no unfinished download of" in failed

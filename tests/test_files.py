@@ -369,6 +369,35 @@ async def test_a_disk_that_fills_up_mid_load_keeps_the_verified_pieces(
         assert sorted(written) == [i * PIECE for i in range(5) if i not in record.verified]
 
 
+async def test_an_unfinished_download_is_listed_and_can_be_discarded_to_free_its_space(
+    tmp_path: Path,
+) -> None:
+    async with swarm(tmp_path) as s:
+        provider, downloader = await channel_of(s, ["provider", "downloader"])
+        entry, data = store_random(provider, tmp_path, 45_000_000)
+        service = files_of(downloader)
+        await service.fetch_range(entry.uri(), PIECE + 5, PIECE + 10)  # only piece 1 is fetched
+        [listed] = await service.file_downloads()
+        assert listed["sha1"] == entry.sha1
+        assert (listed["verifiedPieces"], listed["pieces"]) == (1, 3)
+        assert listed["verifiedBytes"] == PIECE
+        assert not listed["active"]
+        partial = downloader.home.downloads.partial_path(entry.sha1)
+        service._active[entry.sha1] = trio.Event()  # as if a load of it were running
+        with pytest.raises(InvalidInput, match="is loading now"):
+            await service.file_discard_download(str(entry.uri()))
+        del service._active[entry.sha1]
+        assert partial.exists()
+        done = await service.file_discard_download(str(entry.uri()))
+        assert done["freedBytes"] >= PIECE  # the verified piece's blocks (the file is sparse)
+        assert nothing_partial(downloader)
+        assert await service.file_downloads() == []
+        with pytest.raises(NotFound, match="no unfinished download"):
+            await service.file_discard_download(str(entry.uri()))
+        got = await service.download(entry.uri())  # a later load starts over, and lands
+        assert got.path.read_bytes() == data
+
+
 async def test_changing_a_members_roles_takes_effect_everywhere(tmp_path: Path) -> None:
     async with swarm(tmp_path) as s:
         owner, member = await channel_of(s, ["owner", "member"])
