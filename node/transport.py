@@ -5,6 +5,12 @@ trio-websocket carries one kachery frame per binary websocket message, under the
 naming both versions. Its defaults are tuned for bulk transfer (a 4 KiB receive buffer caps a
 connection near 150 MB/s; messages above 1 MiB are refused): see RECEIVE_BUFFER_BYTES.
 
+A ``wss://`` address is dialed through TLS, for a node behind a TLS-terminating reverse proxy
+(a lab whose firewall passes only HTTPS): the certificate is checked against the system's CAs
+(OpenSSL's ``SSL_CERT_FILE``/``SSL_CERT_DIR`` name a private CA). Nodes themselves listen on
+plain ``ws://``: TLS adds no security to a session, whose handshake authenticates both nodes and
+encrypts every frame; it only gets the bytes through.
+
 ``Link`` is the small interface the session driver needs; ``MemoryLink`` pairs implement it
 in memory for socket-free tests. Non-goal: what the frames say (protocol/session.py).
 """
@@ -13,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import NoReturn, Protocol
@@ -168,16 +176,29 @@ async def dial(address: str, *, offer: str = PROTOCOL) -> AsyncIterator[WebSocke
             the body pass through unchanged.
     """
     parts = urlsplit(address)
-    if parts.scheme != "ws" or not parts.hostname:
-        raise DialError(f"{address!r} is not a ws://host:port address")
-    host, port = parts.hostname, parts.port or 80
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise DialError(f"{address!r} is not a ws://host:port or wss://host:port address")
+    tls = parts.scheme == "wss"
+    host, port = parts.hostname, parts.port or (443 if tls else 80)
+    stream: trio.abc.Stream
     try:
         with trio.fail_after(DIAL_TIMEOUT):
-            stream = await trio.open_tcp_stream(host, port)
+            tcp = await trio.open_tcp_stream(host, port)
+            stream = tcp
+            if tls:
+                stream = trio.SSLStream(tcp, _tls_context(), server_hostname=host)
+                try:
+                    await stream.do_handshake()
+                except BaseException:
+                    await trio.aclose_forcefully(tcp)
+                    raise
     except trio.TooSlowError:
         raise DialError(f"{address}: timed out after {DIAL_TIMEOUT:.0f} s") from None
     except OSError as exc:
         raise DialError(f"{address}: cannot connect ({exc.strerror or exc})") from None
+    except trio.BrokenResourceError as exc:  # the TLS handshake failed
+        reason = exc.__cause__ or exc
+        raise DialError(f"{address}: the TLS handshake failed ({reason})") from None
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
@@ -212,6 +233,17 @@ async def dial(address: str, *, offer: str = PROTOCOL) -> AsyncIterator[WebSocke
             await stream.aclose()
     if body_error is not None:
         raise body_error
+
+
+def _tls_context() -> ssl.SSLContext:
+    """The client TLS context for ``wss://`` (made once per trust configuration: loading the
+    system's CAs takes milliseconds)."""
+    return _tls_context_for(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+
+
+@functools.cache
+def _tls_context_for(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
+    return ssl.create_default_context()  # reads SSL_CERT_FILE / SSL_CERT_DIR as they are now
 
 
 def _dial_error(address: str, group: BaseExceptionGroup[BaseException]) -> BaseException:
