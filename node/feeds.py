@@ -1622,6 +1622,7 @@ class FeedService:
         return {
             **{camel_case(k): v for k, v in vars(self.stats).items()},
             "subfeedsLoaded": len(self._live),
+            "noncesReady": self.nonces.ready(),
             "offencesByPeer": {k: v for k, v in self.penalties.offences.items() if v},
             "banned": sorted(self.penalties.banned_peers(now)),
         }

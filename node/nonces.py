@@ -31,6 +31,7 @@ import logging
 import os
 import subprocess
 import sys
+import termios
 import weakref
 
 import trio
@@ -88,6 +89,18 @@ class NonceReserve:
         self._at = at + RECORD_BYTES
         self.taken += 1
         return Nonce.precomputed(records[at : at + 32], records[at + 32 : at + RECORD_BYTES])
+
+    def ready(self) -> int:
+        """How many nonces are ready now: read and not yet handed out, plus those in the pipe."""
+        held = (len(self._records) - self._at) // RECORD_BYTES
+        if self._fd is None:
+            return held
+        waiting = bytearray(4)
+        try:
+            fcntl.ioctl(self._fd, termios.FIONREAD, waiting)
+        except OSError:
+            return held
+        return held + int.from_bytes(waiting, sys.byteorder) // RECORD_BYTES
 
     def _read(self) -> bool:
         """Read the next records from the pipe; False if none are there yet."""
