@@ -38,7 +38,7 @@ from kachery.protocol.uri import subfeed_hash
 from kachery.storage.errors import AlreadyExists, DatabaseError, NotFound
 
 from .swarm import WAIT, Swarm, lab, swarm, wait
-from .test_nonces import first_nonce
+from .test_nonces import first_nonce, until
 
 
 def feeds(node: Node) -> FeedService:
@@ -351,11 +351,7 @@ async def test_messages_signed_with_precomputed_nonces_are_verified_one_by_one_b
         ref, uri = await notebook(owner)
         await feeds(owner).feed_append(uri, ["first"])  # the first take starts the nonce maker
         await first_nonce(feeds(owner).nonces)
-        with trio.fail_after(WAIT):
-            for _ in range(10_000):  # until it is well ahead of the 300 appends below
-                if feeds(owner).nonces.ready() >= 300:
-                    break
-                await trio.sleep(0.01)
+        await until(lambda: feeds(owner).nonces.ready() >= 300)  # ahead of the appends below
         feeds(a).verify_every_signature = True  # no checkpoint shortcut: every signature
         await feeds(a).feed_subscribe(uri, "lab")
         await followed_by(a, owner, ref)

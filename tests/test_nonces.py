@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -13,15 +14,24 @@ from kachery.node.nonces import NonceReserve
 from kachery.protocol.identity import KeyPair, Nonce, verify
 
 
+async def until(holds: Callable[[], bool], seconds: float = 20) -> None:
+    """Poll ``holds`` every 10 ms until it does (the maker is another process: no event)."""
+    with trio.fail_after(seconds):
+        while not holds():  # noqa: ASYNC110 (another process's progress: no event to wait on)
+            await trio.sleep(0.01)
+
+
 async def first_nonce(reserve: NonceReserve) -> Nonce:
     """Take nonces until one is ready (the maker starts on the first ``take``)."""
-    with trio.fail_after(20):
-        for _ in range(10_000):
-            nonce = reserve.take()
-            if nonce is not None:
-                return nonce
-            await trio.sleep(0.01)
-    raise AssertionError("no nonce")
+    taken: list[Nonce | None] = [None]
+
+    def took() -> bool:
+        taken[0] = reserve.take()
+        return taken[0] is not None
+
+    await until(took)
+    assert taken[0] is not None
+    return taken[0]
 
 
 async def test_the_maker_starts_on_first_demand_and_each_nonce_comes_out_once() -> None:
@@ -34,11 +44,7 @@ async def test_the_maker_starts_on_first_demand_and_each_nonce_comes_out_once() 
         assert reserve.dry == 1
         key = KeyPair(os.urandom(32))
         nonces = [await first_nonce(reserve)]
-        with trio.fail_after(20):
-            for _ in range(10_000):  # let the maker get ahead
-                if reserve.ready() >= 2000:
-                    break
-                await trio.sleep(0.01)
+        await until(lambda: reserve.ready() >= 2000)  # let the maker get ahead
         nonces += [n for n in (reserve.take() for _ in range(2000)) if n is not None]
         assert len(nonces) == 2001
         points = set()
@@ -67,11 +73,7 @@ async def test_a_dead_maker_means_rfc_8032_signatures_until_it_is_restarted(
         pid = reserve.maker_pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        with trio.fail_after(10):
-            for _ in range(10_000):
-                if reserve.maker_pid != pid:
-                    break
-                await trio.sleep(0.01)
+        await until(lambda: reserve.maker_pid != pid)
         assert reserve.take() is None  # the records read before it died are dropped with it
         await first_nonce(reserve)  # started again
         assert reserve.starts == 2
