@@ -95,3 +95,18 @@ async def test_a_forked_child_gets_none_of_the_records_its_parent_read() -> None
         assert os.waitstatus_to_exitcode(status) == 0
         assert reserve._records  # the parent keeps its own
         nursery.cancel_scope.cancel()
+
+
+async def test_a_maker_that_cannot_start_leaves_rfc_8032_signing_and_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(nonces_module.sys, "executable", "/nonexistent/python")
+    reserve = NonceReserve()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reserve.run)
+        assert reserve.take() is None
+        await until(lambda: "cannot start the nonce maker" in caplog.text)
+        assert reserve.take() is None  # still nothing: the signer keeps using RFC 8032
+        assert reserve.starts == 0
+        assert reserve.ready() == 0
+        nursery.cancel_scope.cancel()
