@@ -176,7 +176,10 @@ os.register_at_fork(after_in_child=_forget_all_in_child)
 
 
 def make_nonces(out: int) -> None:
-    """The maker: write nonce records to ``out`` until the reader goes away."""
+    """The maker: write nonce records to ``out`` until the reader goes away. It runs at the
+    lowest CPU priority: it only ever works ahead, so a core the node needs is the node's."""
+    with contextlib.suppress(OSError):
+        os.nice(19)
     with contextlib.suppress(BrokenPipeError, KeyboardInterrupt):
         while True:
             records = []
