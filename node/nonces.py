@@ -118,6 +118,9 @@ class NonceReserve:
     async def run(self) -> None:
         """Start the maker when a nonce is first wanted, and again after it fails; until
         cancelled (which stops it)."""
+        if getattr(sys, "frozen", False):  # a bundled app: sys.executable is not a Python
+            log.info("no nonce maker in a frozen app: feed appends sign by RFC 8032")
+            return
         while True:
             await self._wanted.wait()
             self._wanted = trio.Event()

@@ -110,3 +110,14 @@ async def test_a_maker_that_cannot_start_leaves_rfc_8032_signing_and_a_warning(
         assert reserve.starts == 0
         assert reserve.ready() == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_a_frozen_app_starts_no_maker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a bundled app, sys.executable is the app itself: running it with -m would not make
+    nonces (it might start another node), so the reserve stays empty and signing is RFC 8032."""
+    monkeypatch.setattr(nonces_module.sys, "frozen", True, raising=False)
+    reserve = NonceReserve()
+    with trio.fail_after(5):
+        await reserve.run()  # returns at once instead of waiting to start a maker
+    assert reserve.take() is None
+    assert reserve.starts == 0
