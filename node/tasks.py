@@ -39,6 +39,7 @@ import base64
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -139,6 +140,10 @@ KEPT_REQUESTS = 10_000
 """Finished requests remembered for ``task status`` and ``task list`` (results stay cached in
 the database regardless)."""
 
+KEPT_ENDED_REQUESTS = 1000
+"""Ended requests whose final state is kept in the database, so ``task status``, ``task wait``
+and ``task list`` still know them after the daemon restarts."""
+
 MIN_ID_PREFIX = 8
 """The fewest leading characters of a request or task ID that ``task_status`` takes for it."""
 
@@ -203,6 +208,8 @@ class _Request:
     did_not_run: bool = False
     """An action's provider handed it back unrun (rather than being lost with it)."""
     reasons: list[str] = field(default_factory=list)
+    on_end: Callable[[_Request], None] | None = None
+    """Called once, when the request reaches a terminal state."""
     _changed: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -227,6 +234,8 @@ class _Request:
             setattr(self, name, value)
         self.updated_at = time.time()
         self.wake()
+        if self.status.terminal and self.on_end is not None:
+            self.on_end(self)
 
     def finish(
         self,
@@ -346,6 +355,8 @@ class TaskService:
         self.stats = _Stats()
         self._nursery: trio.Nursery | None = None
         self._requests: OrderedDict[str, _Request] = OrderedDict()
+        self._ended_queue: list[tuple[str, str, float, str]] = []
+        self._keeping_ended = False
         self._prepared: dict[str, trio.Event] = {}
         self._backend_channels: dict[str, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._outbox: dict[str, dict[tuple[str, str], StatusUpdate]] = {}
@@ -370,12 +381,29 @@ class TaskService:
         """Announce, flush status updates and renew leases until cancelled."""
         self._held_keys = await self.node.run_sync(self.store.result_keys)
         self._files.kept_elsewhere.append(self._kept_bytes)
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._watch_sessions)
-            nursery.start_soon(self._flush_updates)
-            nursery.start_soon(self._renew_leases)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._watch_sessions)
+                nursery.start_soon(self._flush_updates)
+                nursery.start_soon(self._renew_leases)
+                task_status.started()
+        finally:
+            self._keep_last_ended()
+
+    def _keep_last_ended(self) -> None:
+        """At exit: keep the final states that ended too late for ``_keep_ended`` (a short
+        blocking write; the node is stopping)."""
+        batch, self._ended_queue = self._ended_queue, []
+        if batch:
+            self._write_ended(batch)
+
+    def _write_ended(self, batch: list[tuple[str, str, float, str]]) -> None:
+        """Keep final states (blocking); a failure is logged: only their history is lost."""
+        try:
+            self.store.record_ended_requests(batch, keep=KEPT_ENDED_REQUESTS)
+        except KacheryError as exc:
+            log.warning("could not keep the final state of %d task requests: %s", len(batch), exc)
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -1197,6 +1225,7 @@ class TaskService:
             channels=channels,
             timeout=seconds,
             deadline=trio.current_time() + seconds,
+            on_end=self._ended,
         )
         self._remember(req)
         self.stats.requests += 1
@@ -1224,6 +1253,35 @@ class TaskService:
             if not self._requests[oldest].terminal:
                 break
             del self._requests[oldest]
+
+    def _ended(self, req: _Request) -> None:
+        """A request ended: keep its final state in the database, in the background and in
+        batches (a failure to keep it costs only its history, never its result)."""
+        spec = req.spec
+        state = json.dumps(req.snapshot(self._names(), data=True))
+        self._ended_queue.append((spec.request_id, spec.task_id, req.updated_at, state))
+        if not self._keeping_ended:
+            try:
+                self.nursery.start_soon(self._keep_ended)
+            except RuntimeError:  # shutting down: its history is not kept
+                return
+            self._keeping_ended = True
+
+    async def _keep_ended(self) -> None:
+        try:
+            while self._ended_queue:
+                batch, self._ended_queue = self._ended_queue, []
+                await self.node.run_sync(self._write_ended, batch)
+        finally:
+            self._keeping_ended = False
+
+    async def _ended_state(self, request_id: str) -> dict[str, Any] | None:
+        """The kept final state of a request that ended here before (None if none is kept)."""
+        state = await self.node.run_sync(self.store.ended_request, request_id)
+        if state is None:
+            return None
+        loaded: dict[str, Any] = json.loads(state)
+        return loaded
 
     async def _run_request(self, req: _Request) -> None:
         try:
@@ -1651,7 +1709,10 @@ class TaskService:
     ) -> AsyncIterator[dict[str, Any] | StreamResult]:
         """Stream a request's state each time it changes (unless ``changes`` is false), until it
         ends (or ``within_seconds`` pass); the result is its last state."""
-        req = self._request(request_id)
+        req = self._requests.get(request_id)
+        if req is None:
+            yield StreamResult(await self._ended_or_not_found(request_id))
+            return
         names = self._names()
         deadline = self._deadline(within_seconds)
         shown: tuple[Any, ...] | None = None
@@ -1671,22 +1732,25 @@ class TaskService:
     ) -> dict[str, Any]:
         """A request's state once it ends (or once ``within_seconds`` pass): ``task_wait``
         without its events, answered as one plain reply."""
-        req = self._request(request_id)
+        req = self._requests.get(request_id)
+        if req is None:
+            return await self._ended_or_not_found(request_id)
         deadline = self._deadline(within_seconds)
         while not req.terminal and trio.current_time() < deadline:
             await req.wait_until(deadline)
         return req.snapshot(self._names(), data=True)
 
-    def _request(self, request_id: str) -> _Request:
-        """A request made here, by its ID.
+    async def _ended_or_not_found(self, request_id: str) -> dict[str, Any]:
+        """The kept final state of a request no longer in memory.
 
         Raises:
-            NotFound: no such request (or the daemon restarted since).
+            NotFound: no request with that ID ended here (among the newest KEPT_ENDED_REQUESTS),
+                and none is running.
         """
-        req = self._requests.get(request_id)
-        if req is None:
-            raise NotFound(f"no task request {request_id} on this node (it may have restarted)")
-        return req
+        state = await self._ended_state(request_id)
+        if state is None:
+            raise NotFound(f"no task request {request_id} on this node")
+        return state
 
     def _deadline(self, within_seconds: float | None) -> float:
         return math.inf if within_seconds is None else trio.current_time() + within_seconds
@@ -1708,6 +1772,7 @@ class TaskService:
             if i.startswith(ident)
         }
         found.update(await self.node.run_sync(self.store.task_ids_starting, ident))
+        found.update(await self.node.run_sync(self.store.request_ids_starting, ident))
         if ident in found:
             return ident
         if len(found) == 1:
@@ -1728,6 +1793,9 @@ class TaskService:
         req = self._find(task)
         if req is not None:
             return req.snapshot(self._names(), data=True)
+        ended = await self._ended_state(task)
+        if ended is not None:
+            return ended
         held = await self.node.run_sync(self.store.results_for, task)
         if held:
             newest = held[0]
@@ -1751,7 +1819,17 @@ class TaskService:
     async def task_list(self, limit: int = 50) -> dict[str, Any]:
         """Recent requests made here (newest first), and the jobs this node runs for others."""
         names = self._names()
+        limit = max(0, limit)
         requests = [r.snapshot(names, kwargs=False) for r in reversed(self._requests.values())]
+        if len(requests) < limit:  # then those that ended before the daemon last started
+            shown = {r["requestId"] for r in requests}
+            for text in await self.node.run_sync(self.store.ended_requests, limit):
+                state = json.loads(text)
+                if state["requestId"] not in shown:
+                    state.pop("kwargs", None)
+                    state.pop("resultData", None)
+                    requests.append(state)
+            requests.sort(key=lambda r: -float(r["createdAt"]))
         jobs = [
             {
                 "jobId": job.job_id,
@@ -1764,7 +1842,7 @@ class TaskService:
             }
             for job in self.book.jobs.values()
         ]
-        return {"requests": requests[: max(0, limit)], "jobs": jobs}
+        return {"requests": requests[:limit], "jobs": jobs}
 
     @exposed
     async def task_providers(self) -> list[dict[str, Any]]:

@@ -276,6 +276,20 @@ task_actions = Table(
 )
 
 
+task_requests = Table(
+    "task_requests",
+    metadata,
+    # (schema version 8) On a requester: each request made through this node that has ended,
+    # as the local API showed it then (its JSON), so `task status` and `task list` still know
+    # it after the daemon restarts. The newest KEPT_ENDED_REQUESTS are kept.
+    Column("request_id", String(64), primary_key=True),
+    Column("task_id", String(40), nullable=False),
+    Column("ended_at", Float, nullable=False),
+    Column("state", Text, nullable=False),
+    Index("task_requests_by_end", "ended_at"),
+)
+
+
 def _v1_files_and_mutables(conn: Connection) -> None:
     files.create(conn)
     mutables.create(conn)
@@ -328,6 +342,11 @@ def _v7_inline_task_results(conn: Connection) -> None:
         index.create(conn)
 
 
+def _v8_task_requests(conn: Connection) -> None:
+    """Ended task requests outlive a restart of the requester (``task_requests``)."""
+    task_requests.create(conn)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_files_and_mutables,
     _v2_channels_and_peers,
@@ -336,6 +355,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v5_tasks,
     _v6_feed_message_keys,
     _v7_inline_task_results,
+    _v8_task_requests,
 ]
 """``MIGRATIONS[i]`` moves the schema from version ``i`` to ``i + 1``."""
 

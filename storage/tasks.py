@@ -137,6 +137,50 @@ class TaskStore:
             ).all()
         return [r.task_id for r in rows]
 
+    # -- requests made here, once ended -------------------------------------------------------
+
+    def record_ended_requests(self, ended: list[tuple[str, str, float, str]], *, keep: int) -> None:
+        """Keep ended requests' final states: (request ID, task ID, ended at, state as JSON
+        text), each replacing an earlier one under the same ID (a retried request); then drop
+        all but the newest ``keep``. One transaction."""
+        t = schema.task_requests
+        with self.db.begin() as conn:
+            ids = [e[0] for e in ended]
+            conn.execute(delete(t).where(t.c.request_id.in_(ids)))
+            rows = [
+                {"request_id": r, "task_id": k, "ended_at": at, "state": state}
+                for r, k, at, state in {e[0]: e for e in ended}.values()
+            ]
+            conn.execute(t.insert(), rows)
+            newest = select(t.c.request_id).order_by(t.c.ended_at.desc()).limit(keep)
+            conn.execute(delete(t).where(t.c.request_id.not_in(newest.scalar_subquery())))
+
+    def ended_request(self, request_id: str) -> str | None:
+        """The final state (JSON text) of an ended request, or None."""
+        t = schema.task_requests
+        with self.db.begin() as conn:
+            row = conn.execute(select(t.c.state).where(t.c.request_id == request_id)).first()
+        return None if row is None else str(row.state)
+
+    def ended_requests(self, limit: int) -> list[str]:
+        """The final states (JSON text) of the newest ``limit`` ended requests, newest first."""
+        t = schema.task_requests
+        with self.db.begin() as conn:
+            rows = conn.execute(select(t.c.state).order_by(t.c.ended_at.desc()).limit(limit)).all()
+        return [str(r.state) for r in rows]
+
+    def request_ids_starting(self, prefix: str, limit: int = 10) -> list[str]:
+        """The IDs of ended requests that begin with ``prefix``, at most ``limit`` of them."""
+        t = schema.task_requests
+        with self.db.begin() as conn:
+            rows = conn.execute(
+                select(t.c.request_id)
+                .where(*_starting(t.c.request_id, prefix))
+                .order_by(t.c.request_id)
+                .limit(limit)
+            ).all()
+        return [r.request_id for r in rows]
+
     def result_keys(self) -> set[tuple[str, str, str]]:
         """(task ID, kwargs digest, type) of every result held: small enough to keep in memory,
         so a lookup for a task never computed here needs no query."""

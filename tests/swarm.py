@@ -1,7 +1,7 @@
 """Swarms of real nodes in one Trio loop, for tests: real websockets on 127.0.0.1, separate homes.
 
-Nothing here sleeps to wait: tests wait on ``Node.wait_until`` (woken by state changes), with a
-generous ``fail_after`` so a broken build fails instead of hanging.
+Tests wait on ``Node.wait_until`` (woken by state changes), with a generous ``fail_after`` so a
+broken build fails instead of hanging; ``until`` polls only what wakes no node.
 """
 
 from __future__ import annotations
@@ -52,6 +52,14 @@ async def swarm(tmp_path: Path) -> AsyncIterator[Swarm]:
 async def wait(node: Node, predicate: Callable[[], bool]) -> None:
     with trio.fail_after(WAIT):
         await node.wait_until(predicate)
+
+
+async def until(holds: Callable[[], bool], seconds: float = WAIT) -> None:
+    """Poll ``holds`` every 10 ms until it does: only for state that wakes no node (another
+    process's progress, a row written in the background)."""
+    with trio.fail_after(seconds):
+        while not holds():  # noqa: ASYNC110 (no event to wait on)
+            await trio.sleep(0.01)
 
 
 async def lab(s: Swarm, roles: str = "all") -> tuple[Node, Node, Node, str]:

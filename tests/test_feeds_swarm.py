@@ -37,8 +37,8 @@ from kachery.protocol.feeds import (
 from kachery.protocol.uri import subfeed_hash
 from kachery.storage.errors import AlreadyExists, DatabaseError, NotFound
 
-from .swarm import WAIT, Swarm, lab, swarm, wait
-from .test_nonces import first_nonce, until
+from .swarm import WAIT, Swarm, lab, swarm, until, wait
+from .test_nonces import first_nonce
 
 
 def feeds(node: Node) -> FeedService:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
 
 import pytest
 import trio
@@ -13,12 +12,7 @@ from kachery.node import nonces as nonces_module
 from kachery.node.nonces import NonceReserve
 from kachery.protocol.identity import KeyPair, Nonce, verify
 
-
-async def until(holds: Callable[[], bool], seconds: float = 20) -> None:
-    """Poll ``holds`` every 10 ms until it does (the maker is another process: no event)."""
-    with trio.fail_after(seconds):
-        while not holds():  # noqa: ASYNC110 (another process's progress: no event to wait on)
-            await trio.sleep(0.01)
+from .swarm import until
 
 
 async def first_nonce(reserve: NonceReserve) -> Nonce:

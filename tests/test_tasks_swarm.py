@@ -23,6 +23,8 @@ from unittest.mock import ANY
 import pytest
 import trio
 
+from kachery.node import tasks as tasks_module
+from kachery.node.api import StreamResult
 from kachery.node.daemon import Node
 from kachery.node.errors import NotPermitted
 from kachery.node.files import FileService
@@ -44,7 +46,7 @@ from kachery.storage import schema
 from kachery.storage.errors import NotFound
 from kachery.storage.tasks import TaskStore
 
-from .swarm import WAIT, channel_of, swarm, wait
+from .swarm import WAIT, channel_of, swarm, until, wait
 
 TaskFn = Callable[..., Awaitable[Any]]
 
@@ -253,6 +255,38 @@ async def test_a_small_result_travels_inline_and_a_large_one_is_fetched(tmp_path
             assert result_of(third, cached) == await payload(n)
         stats = tasks_of(third).statistics()
         assert (stats["lookupHits"], stats["resultsInline"], stats["resultsFetched"]) == (2, 1, 1)
+
+
+async def test_ended_requests_are_still_known_after_the_requester_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tasks_module, "KEPT_ENDED_REQUESTS", 3)
+    async with swarm(tmp_path) as s:
+        requester, provider = await channel_of(s, ["requester", "provider"])
+        await start_worker(s.nursery, provider, {"add.v1": ("pure-calculation", add)})
+        await announced(requester, provider, "add.v1")
+        done = [await request(requester, "add.v1", {"a": 1, "b": n}) for n in range(4)]
+        service = tasks_of(requester)
+        before = await service.task_status(done[-1].spec.request_id)
+        store = TaskStore(requester.home.database)
+        await until(lambda: len(store.ended_requests(10)) == 3)  # kept in the background
+
+        s.stop("requester")
+        requester = await s.start("requester")
+        service = tasks_of(requester)
+        last = done[-1].spec.request_id
+        after = await service.task_status(last)
+        assert after == before  # status, result, provider, kwargs, small result's bytes
+        assert after["status"] == "finished"
+        assert base64.b64decode(after["resultData"]) == b"4"
+        assert await service.task_status(last[:10]) == before  # a prefix, as `task list` shows
+        assert await service.task_outcome(last) == before
+        assert [e async for e in service.task_wait(last)] == [StreamResult(before)]
+        listed = (await service.task_list())["requests"]
+        assert [r["requestId"] for r in listed] == [r.spec.request_id for r in done[:0:-1]]
+        assert "kwargs" not in listed[0]
+        with pytest.raises(NotFound):  # only the newest KEPT_ENDED_REQUESTS are kept
+            await service.task_outcome(done[0].spec.request_id)
 
 
 async def test_a_small_result_lives_in_its_record_across_a_restart_and_a_corrupt_one_is_not_served(
