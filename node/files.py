@@ -29,7 +29,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -561,11 +561,18 @@ class FileService:
         entry = await self._held(uri.sha1)
         if entry is not None:
             return entry
-        done = self._active[uri.sha1] = trio.Event()
-        try:
+        with self._download_slot(uri.sha1):
             return await self._download(uri, only, progress, byte_range)
+
+    @contextlib.contextmanager
+    def _download_slot(self, sha1: str) -> Iterator[None]:
+        """Hold a file's one slot for work on its partial download; whoever else wants it
+        waits on ``_active[sha1]`` until this is released. The caller checked it was free."""
+        done = self._active[sha1] = trio.Event()
+        try:
+            yield
         finally:
-            del self._active[uri.sha1]
+            del self._active[sha1]
             done.set()
 
     async def _held(self, sha1: str) -> FileEntry | None:
@@ -752,18 +759,10 @@ class FileService:
         sha1 = parse_file_uri(uri).sha1
         if sha1 in self._active:
             raise InvalidInput(f"sha1://{sha1} is loading now: stop that load first")
-        done = self._active[sha1] = (
-            trio.Event()
-        )  # a load asked for meanwhile waits, then starts over
-        try:
-            record = await self.node.run_sync(self.downloads.get, sha1)
-            if record is None:
+        with self._download_slot(sha1):  # a load asked for meanwhile waits, then starts over
+            if await self.node.run_sync(self.downloads.get, sha1) is None:
                 raise NotFound(f"no unfinished download of sha1://{sha1} on this node")
-            freed = await self.node.run_sync(_disk_bytes, self.downloads.partial_path(sha1))
-            await self.node.run_sync(self.downloads.forget, sha1)
-        finally:
-            del self._active[sha1]
-            done.set()
+            freed = await self.node.run_sync(self.downloads.forget, sha1)
         log.info("discarded the unfinished download of sha1://%s (%d bytes)", sha1, freed)
         return {"sha1": sha1, "freedBytes": freed}
 
@@ -1051,14 +1050,6 @@ def _write_piece(fd: int, offset: int, frames: list[memoryview]) -> None:
         written = os.pwritev(fd, pending[:IOV_BATCH], offset)
         offset += written
         _consume(pending, written)
-
-
-def _disk_bytes(path: Path) -> int:
-    """The disk space a (sparse) file takes: 0 if it is gone."""
-    try:
-        return os.stat(path).st_blocks * 512
-    except FileNotFoundError:
-        return 0
 
 
 def _read_blocks(fd: int, position: int, size: int) -> list[DataBlock] | None:

@@ -102,11 +102,18 @@ class Downloads:
                 .values(verified=_bits(verified, pieces), updated_at=time.time())
             )
 
-    def forget(self, sha1: str) -> None:
-        """Drop the record and the partial file (after landing it, or to start over)."""
+    def forget(self, sha1: str) -> int:
+        """Drop the record and the partial file (after landing it, or to start over); returns
+        the disk space the partial file took (it is sparse: only what was written)."""
         with self.db.begin() as conn:
             conn.execute(delete(schema.downloads).where(schema.downloads.c.sha1 == sha1))
-        self.partial_path(sha1).unlink(missing_ok=True)
+        path = self.partial_path(sha1)
+        try:
+            freed = path.stat().st_blocks * 512
+        except FileNotFoundError:
+            return 0
+        path.unlink(missing_ok=True)
+        return freed
 
     def all(self) -> list[DownloadRecord]:
         with self.db.begin() as conn:
