@@ -1764,8 +1764,9 @@ class TaskService:
 
     async def _full_id(self, ident: str) -> str:
         """The request or task ID that ``ident`` names: itself, or the one ID (among requests
-        made here and results held here) that it is a prefix of, if at least MIN_ID_PREFIX
-        characters long (``task list`` shows prefixes). Unmatched, ``ident`` is returned as is.
+        made here, in memory or kept since they ended, and results held here) that it is a
+        prefix of, if at least MIN_ID_PREFIX characters long (``task list`` shows prefixes).
+        Unmatched, ``ident`` is returned as is.
 
         Raises:
             InvalidInput: ``ident`` is a prefix of several IDs.
@@ -1778,8 +1779,7 @@ class TaskService:
             for i in (r.spec.request_id, r.spec.task_id)
             if i.startswith(ident)
         }
-        found.update(await self.node.run_sync(self.store.task_ids_starting, ident))
-        found.update(await self.node.run_sync(self.store.request_ids_starting, ident))
+        found.update(await self.node.run_sync(self.store.ids_starting, ident))
         if ident in found:
             return ident
         if len(found) == 1:

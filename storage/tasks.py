@@ -123,19 +123,25 @@ class TaskStore:
                 return data
         return None
 
-    def task_ids_starting(self, prefix: str, limit: int = 10) -> list[str]:
-        """The task IDs of results held here that begin with ``prefix`` (task IDs are lower-case
-        hex), at most ``limit`` of them."""
-        t = schema.task_results
+    def ids_starting(self, prefix: str, limit: int = 10) -> list[str]:
+        """The task IDs of results held here, and the IDs of ended requests kept here, that
+        begin with ``prefix``: at most ``limit`` of each kind, each ID once, sorted."""
+        results, requests = schema.task_results, schema.task_requests
         with self.db.begin() as conn:
-            rows = conn.execute(
-                select(t.c.task_id)
-                .where(*_starting(t.c.task_id, prefix))
+            task_ids = conn.execute(
+                select(results.c.task_id)
+                .where(*_starting(results.c.task_id, prefix))
                 .distinct()
-                .order_by(t.c.task_id)
+                .order_by(results.c.task_id)
                 .limit(limit)
             ).all()
-        return [r.task_id for r in rows]
+            request_ids = conn.execute(
+                select(requests.c.request_id)
+                .where(*_starting(requests.c.request_id, prefix))
+                .order_by(requests.c.request_id)
+                .limit(limit)
+            ).all()
+        return sorted({r.task_id for r in task_ids} | {r.request_id for r in request_ids})
 
     # -- requests made here, once ended -------------------------------------------------------
 
@@ -168,18 +174,6 @@ class TaskStore:
         with self.db.begin() as conn:
             rows = conn.execute(select(t.c.state).order_by(t.c.ended_at.desc()).limit(limit)).all()
         return [str(r.state) for r in rows]
-
-    def request_ids_starting(self, prefix: str, limit: int = 10) -> list[str]:
-        """The IDs of ended requests that begin with ``prefix``, at most ``limit`` of them."""
-        t = schema.task_requests
-        with self.db.begin() as conn:
-            rows = conn.execute(
-                select(t.c.request_id)
-                .where(*_starting(t.c.request_id, prefix))
-                .order_by(t.c.request_id)
-                .limit(limit)
-            ).all()
-        return [r.request_id for r in rows]
 
     def result_keys(self) -> set[tuple[str, str, str]]:
         """(task ID, kwargs digest, type) of every result held: small enough to keep in memory,

@@ -63,11 +63,14 @@ def test_task_ids_are_found_by_prefix_once_each(store: TaskStore) -> None:
     other = replace(low, task_id="f" * 40, kwargs_digest="e" * 40)
     store.save_results([low, high, replace(low, task_type="query"), other])
     assert low.task_id == high.task_id  # kachery writes both floats as null
-    assert store.task_ids_starting(low.task_id[:8]) == [low.task_id]  # three rows, one ID
-    assert store.task_ids_starting("ffffffff") == ["f" * 40]
-    assert store.task_ids_starting("") == sorted([low.task_id, "f" * 40])
-    assert store.task_ids_starting("", limit=1) == sorted([low.task_id, "f" * 40])[:1]
-    assert store.task_ids_starting("0" * 41) == []
+    assert store.ids_starting(low.task_id[:8]) == [low.task_id]  # three rows, one ID
+    assert store.ids_starting("ffffffff") == ["f" * 40]
+    assert store.ids_starting("") == sorted([low.task_id, "f" * 40])
+    assert store.ids_starting("", limit=1) == sorted([low.task_id, "f" * 40])[:1]
+    assert store.ids_starting("0" * 41) == []
+    # an ended request kept here is found by its ID too
+    store.record_ended_requests([("f" * 8 + "-request", "f" * 40, 1.0, "{}")], keep=10)
+    assert store.ids_starting("ffffffff") == sorted(["f" * 40, "f" * 8 + "-request"])
 
 
 def test_the_action_ledger_accepts_each_request_once(store: TaskStore) -> None:
