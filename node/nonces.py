@@ -61,7 +61,6 @@ class NonceReserve:
     """Precomputed signing nonces: run ``run`` in a nursery and hand ``take`` to signers.
 
     Attributes:
-        taken: nonces handed out.
         dry: calls to ``take`` that found none ready (the signer used RFC 8032).
         starts: times the maker process was started.
     """
@@ -71,7 +70,6 @@ class NonceReserve:
         self._at = 0
         self._fd: int | None = None
         self._wanted = trio.Event()
-        self.taken = 0
         self.dry = 0
         self.starts = 0
         self.maker_pid: int | None = None
@@ -87,7 +85,6 @@ class NonceReserve:
             at = 0
         records = self._records
         self._at = at + RECORD_BYTES
-        self.taken += 1
         return Nonce.precomputed(records[at : at + 32], records[at + 32 : at + RECORD_BYTES])
 
     def ready(self) -> int:
