@@ -32,6 +32,20 @@ DATA_FRAME_BYTES = 256 * 1024
 """Bytes of file data per bulk frame: large enough to amortise per-frame costs, small enough that
 a control message waits at most one frame (~0.3 ms at 1 GB/s) behind bulk data."""
 
+
+def frame_sizes(start: int, size: int) -> list[int]:
+    """How a provider splits the ``size`` bytes at file offset ``start`` into data frames.
+
+    Frames break at multiples of DATA_FRAME_BYTES of the file, not of the range: every frame but
+    a range's first and last then covers whole pages at a page-aligned offset, which the
+    downloader writes to disk without a copy (O_DIRECT). Receivers accept any split.
+    """
+    first = min(size, DATA_FRAME_BYTES - start % DATA_FRAME_BYTES)
+    sizes = [first] if first else []
+    sizes.extend(min(DATA_FRAME_BYTES, size - at) for at in range(first, size, DATA_FRAME_BYTES))
+    return sizes
+
+
 MAX_GET_BYTES = CHUNK_SIZE
 """Largest range one GetData may ask for: one manifest piece."""
 

@@ -59,6 +59,12 @@ TAG_BYTES = 32  # AEGIS-256 tag
 KIND_MESSAGE = 0
 KIND_DATA = 1
 _DATA_HEADER = struct.Struct(">BIQ")  # kind, stream id, offset
+
+PAYLOAD_ALIGN = 4096
+"""A received frame of at least ALIGNED_FROM bytes is decrypted so that a data frame's payload
+starts on a PAYLOAD_ALIGN boundary in memory: a downloader can then write it to disk with
+O_DIRECT (which needs aligned buffers) without copying it first."""
+ALIGNED_FROM = 64 * 1024
 _COUNTER = struct.Struct("<Q")  # the nonce's first 8 bytes
 
 
@@ -191,6 +197,8 @@ class DataReceived:
     stream: int
     offset: int
     payload: memoryview = field(repr=False)
+    """Where a large frame's payload starts in memory is a multiple of PAYLOAD_ALIGN (when
+    libsodium is called directly; the public bindings give no say in it)."""
 
 
 class DataBlock:
@@ -305,9 +313,14 @@ class _Cipher:
                 raise _unauthentic() from None
         ffi = _SODIUM.ffi
         size = len(ciphertext) - TAG_BYTES
-        out = _SODIUM.uncleared("unsigned char[]", size)
+        if size < ALIGNED_FROM:
+            out, shift = _SODIUM.uncleared("unsigned char[]", size), 0
+        else:  # room to start a data frame's payload on a PAYLOAD_ALIGN boundary
+            out = _SODIUM.uncleared("unsigned char[]", size + PAYLOAD_ALIGN)
+            address = int(ffi.cast("uintptr_t", out))
+            shift = -(address + _DATA_HEADER.size) % PAYLOAD_ALIGN
         failed = _SODIUM.lib.crypto_aead_aegis256_decrypt(
-            out,
+            out + shift,
             self._length,
             ffi.NULL,
             ciphertext,
@@ -319,7 +332,7 @@ class _Cipher:
         )
         if failed:  # libsodium has cleared ``out``: nothing unauthenticated is returned
             raise _unauthentic()
-        return memoryview(ffi.buffer(out, size))
+        return memoryview(ffi.buffer(out, shift + size))[shift:]
 
 
 def _unauthentic() -> RemoteProtocolError:

@@ -13,21 +13,22 @@ from typing import Any
 import pytest
 import trio
 
-from kachery.node import files as files_module
 from kachery.node.api import StreamResult
 from kachery.node.daemon import Node
 from kachery.node.errors import NotPermitted, Unavailable
-from kachery.node.files import FileService, _check_range, _read_blocks, _write_piece
+from kachery.node.files import FileService, _check_range, _PartialFile, _read_blocks
 from kachery.protocol import FileURI, parse_file_uri
 from kachery.protocol.channel import Role
 from kachery.protocol.errors import InvalidInput
-from kachery.protocol.files import DATA_FRAME_BYTES, FindFile
+from kachery.protocol.files import DATA_FRAME_BYTES, FindFile, frame_sizes
 from kachery.protocol.messages import DocRequest
+from kachery.protocol.session import DataReceived
 from kachery.storage import NotFound, StoreFull
 from kachery.storage.downloads import Downloads
 from kachery.storage.files import FileEntry
 
 from .swarm import WAIT, channel_of, swarm, wait
+from .test_session import established
 
 PIECE = 20_000_000
 SLOW = 40e6
@@ -340,15 +341,15 @@ async def test_a_disk_that_fills_up_mid_load_keeps_the_verified_pieces(
 ) -> None:
     full = True
     written: list[int] = []
-    real_write = files_module._write_piece
+    real_write = _PartialFile.write
 
-    def write(fd: int, offset: int, frames: list[memoryview]) -> None:
+    def write(partial: _PartialFile, offset: int, frames: list[memoryview]) -> None:
         if full and offset >= 2 * PIECE:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_write(fd, offset, frames)
+        real_write(partial, offset, frames)
         written.append(offset)
 
-    monkeypatch.setattr(files_module, "_write_piece", write)
+    monkeypatch.setattr(_PartialFile, "write", write)
     async with swarm(tmp_path) as s:
         provider, downloader = await channel_of(s, ["provider", "downloader"])
         entry, data = store_random(provider, tmp_path, 100_000_000)
@@ -460,11 +461,11 @@ def test_a_byte_range_the_file_cannot_give_is_refused_in_words() -> None:
             _check_range(start, end, 100)
 
 
-def test_served_ranges_are_read_straight_into_frame_payloads_and_pieces_written_back(
+def test_served_ranges_are_read_straight_into_frame_payloads_split_at_frame_boundaries(
     tmp_path: Path,
 ) -> None:
-    """The provider's vectored read into DataBlocks, and the downloader's vectored write of the
-    received frames, move every byte to its place; a file that ends early is reported."""
+    """The provider's vectored read into DataBlocks moves every byte to its place, in frames
+    that break at multiples of DATA_FRAME_BYTES of the file; a file that ends early is reported."""
     data = os.urandom(3 * DATA_FRAME_BYTES + 12345)
     source = tmp_path / "source.bin"
     source.write_bytes(data)
@@ -472,17 +473,89 @@ def test_served_ranges_are_read_straight_into_frame_payloads_and_pieces_written_
     try:
         blocks = _read_blocks(fd, 100, len(data) - 100)
         assert blocks is not None
-        assert [len(b) for b in blocks] == [DATA_FRAME_BYTES] * 3 + [12245]
+        assert [len(b) for b in blocks] == [DATA_FRAME_BYTES - 100] + [DATA_FRAME_BYTES] * 2 + [
+            12345
+        ]
         assert b"".join(bytes(b.payload) for b in blocks) == data[100:]
+        assert [len(b) for b in _read_blocks(fd, DATA_FRAME_BYTES, 5) or []] == [5]
         assert _read_blocks(fd, len(data) - 10, 11) is None  # the file ends first
     finally:
         os.close(fd)
 
-    target = tmp_path / "target.bin"
-    target.write_bytes(bytes(len(data)))
-    fd = os.open(target, os.O_RDWR)
+
+def received_frames(data: bytes, start: int) -> list[memoryview]:
+    """``data`` (at file offset ``start``) as a downloader receives it: split by the provider's
+    rule, sealed by one session and opened by the other."""
+    sender, receiver = established()
+    frames, at = [], 0
+    for size in frame_sizes(start, len(data)):
+        event = receiver.receive(sender.send_data(1, start + at, data[at : at + size]))
+        assert isinstance(event, DataReceived)
+        frames.append(event.payload)
+        at += size
+    return frames
+
+
+def direct_io_works(directory: Path) -> bool:
+    probe = directory / "probe"
+    probe.touch()
     try:
-        _write_piece(fd, 100, [b.payload for b in blocks])
+        os.close(os.open(probe, os.O_WRONLY | getattr(os, "O_DIRECT", 0)))
+        return hasattr(os, "O_DIRECT")
+    except OSError:
+        return False
     finally:
-        os.close(fd)
-    assert target.read_bytes() == bytes(100) + data[100:]
+        probe.unlink()
+
+
+def test_a_piece_is_written_in_place_page_aligned_frames_with_o_direct(tmp_path: Path) -> None:
+    """The frames of a piece land at their offsets; those on page boundaries (all but the first
+    and last here) bypass the page cache, the rest go through it, and a piece that starts
+    mid-page next to another shares that page correctly."""
+    start = 3 * DATA_FRAME_BYTES + 1000  # like the odd pieces of a manifest (20,000,000 * k)
+    first = os.urandom(4 * DATA_FRAME_BYTES + 777)
+    second = os.urandom(2 * DATA_FRAME_BYTES)
+    size = start + len(first) + len(second)
+    target = tmp_path / "target.part"
+    target.write_bytes(b"")
+    os.truncate(target, size)
+    partial = _PartialFile(target)
+    try:
+        direct = partial.write(start + len(first), received_frames(second, start + len(first)))
+        direct += partial.write(start, received_frames(first, start))
+        os.fdatasync(partial.fd)
+    finally:
+        partial.close()
+    assert target.read_bytes() == bytes(start) + first + second
+    if direct_io_works(tmp_path):
+        assert (
+            direct == 4 * DATA_FRAME_BYTES
+        )  # the middle frames: three of one piece, one of the other
+    else:
+        assert direct == 0
+
+
+def test_a_filesystem_that_refuses_o_direct_midway_gets_page_cache_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "target.part"
+    target.write_bytes(bytes(4 * DATA_FRAME_BYTES))
+    data = os.urandom(4 * DATA_FRAME_BYTES)
+    partial = _PartialFile(target)
+    if not partial.direct:
+        partial.close()
+        pytest.skip("this filesystem has no O_DIRECT to refuse")
+    real_pwritev = os.pwritev
+
+    def refuse_direct(fd: int, views: Any, offset: int) -> int:
+        if fd != partial.fd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwritev(fd, views, offset)
+
+    monkeypatch.setattr(os, "pwritev", refuse_direct)
+    try:
+        assert partial.write(0, received_frames(data, 0)) == 0
+        assert not partial.direct
+    finally:
+        partial.close()
+    assert target.read_bytes() == data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import pytest
@@ -223,6 +224,22 @@ def test_direct_libsodium_and_pynacls_public_bindings_agree_frame_for_frame(
     use(not sender_direct)
     with pytest.raises(RemoteProtocolError, match="failed authentication"):
         r.receive(frame[:-1] + bytes([frame[-1] ^ 1]))
+
+
+def test_large_data_payloads_start_on_a_page_boundary_in_memory() -> None:
+    """So the downloader can write them with O_DIRECT without copying (node/files.py)."""
+    i, r = established()
+    for size in (session_module.ALIGNED_FROM, 100_000, 256 * 1024, 4 << 20):
+        for _ in range(3):
+            ev = r.receive(i.send_data(7, size, os.urandom(size)))
+            assert isinstance(ev, DataReceived)
+            assert len(ev.payload) == size
+            address = ctypes.addressof(ctypes.c_char.from_buffer(ev.payload))
+            assert address % session_module.PAYLOAD_ALIGN == 0
+    payload = os.urandom(256 * 1024)
+    ev = r.receive(i.send_data(7, 0, payload))
+    assert isinstance(ev, DataReceived)
+    assert bytes(ev.payload) == payload
 
 
 @pytest.mark.parametrize("size", [0, 1, 31])
