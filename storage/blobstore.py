@@ -180,22 +180,63 @@ def open_source(path: Path) -> Iterator[tuple[BinaryIO, int]]:
         yield source, os.fstat(source.fileno()).st_size
 
 
+def copy_to(
+    source: BinaryIO, dest_fd: int, size: int, *, what: str, progress: Progress | None = None
+) -> None:
+    """Copy the next ``size`` bytes of ``source`` to ``dest_fd``, an empty file opened for
+    writing (``what`` names it in errors), bypassing the page cache where the filesystem allows:
+    the reader fills page-aligned buffers and a writer thread writes them with O_DIRECT.
+
+    Raises:
+        SourceChanged: ``source`` ends first.
+        SourceUnreadable: reading failed.
+        StoreFull: the disk filled up.
+        StorageError: another error writing.
+    """
+    bounded = _Bounded(source, size)
+    if size >= BLOCK_SIZE:
+        _pump(bounded, [_Writer(dest_fd, what)], size, progress)
+        return
+    _write_all(dest_fd, _read_small(bounded, size), what)
+    if progress is not None:
+        progress(size)
+
+
 def _copy_and_hash(
     source: BinaryIO, dest_fd: int | None, expected_size: int | None, progress: Progress | None
 ) -> HashResult:
-    """Read ``source`` once; hash it (whole and pieces) and copy it to ``dest_fd`` concurrently.
-
-    The calling thread reads blocks into page-aligned buffers and hands each to up to three
-    stages, each a thread with a bounded queue: whole-file SHA-1, piece SHA-1s, and the writer
-    (O_DIRECT where the filesystem allows it). A buffer is reused once every stage is done with it.
-    """
+    """Read ``source`` once; hash it (whole and pieces) and copy it to ``dest_fd`` concurrently."""
     hasher = PieceHasher(expected_size=expected_size)
     if expected_size is not None and expected_size < BLOCK_SIZE:
-        return _copy_and_hash_small(source, dest_fd, expected_size, hasher)
+        data = _read_small(source, expected_size)
+        hasher.update(data)
+        if dest_fd is not None:
+            _write_all(dest_fd, data, "the store")
+        return hasher.finish()
     functions: list[Callable[[memoryview], object]] = [hasher.update_whole, hasher.update_pieces]
-    writer = None if dest_fd is None else _Writer(dest_fd)
-    if writer is not None:
-        functions.append(writer)
+    if dest_fd is not None:
+        functions.append(_Writer(dest_fd, "the store"))
+    _pump(source, functions, expected_size, progress)
+    return hasher.finish()
+
+
+def _pump(
+    source: BinaryIO | io.RawIOBase,
+    functions: list[Callable[[memoryview], object]],
+    expected_size: int | None,
+    progress: Progress | None,
+) -> None:
+    """Read ``source`` to its end once, handing every block to each of ``functions``.
+
+    The calling thread reads blocks into page-aligned buffers and hands each to one stage per
+    function, each a thread with a bounded queue (the hashes, the writer). A buffer is reused
+    once every stage is done with it.
+
+    Raises:
+        SourceChanged: the source's length differs from ``expected_size``.
+        SourceUnreadable: reading failed.
+        (and whatever a function raised, once every stage has stopped)
+    """
     stages = [_Stage(fn) for fn in functions]
     pool = _BufferPool(STAGE_QUEUE_BLOCKS + 1)
     done = 0
@@ -226,25 +267,36 @@ def _copy_and_hash(
         raise SourceChanged(
             f"the source changed while it was read: expected {expected_size} bytes, got {done}"
         )
-    return hasher.finish()
 
 
-def _copy_and_hash_small(
-    source: BinaryIO, dest_fd: int | None, expected_size: int, hasher: PieceHasher
-) -> HashResult:
-    """Under one block: read, hash and write in the calling thread (threads would cost more)."""
+def _read_small(source: BinaryIO | io.RawIOBase, size: int) -> bytes:
+    """All of a source under one block (threads would cost more than they save)."""
     try:
-        data = source.read(expected_size + 1)
+        data = source.read(size + 1)
     except OSError as exc:
         raise SourceUnreadable(f"cannot read the source: {exc.strerror}") from None
-    if len(data) != expected_size:
+    if len(data) != size:
         raise SourceChanged(
-            f"the source changed while it was read: expected {expected_size} bytes, got {len(data)}"
+            f"the source changed while it was read: expected {size} bytes, got {len(data)}"
         )
-    hasher.update(data)
-    if dest_fd is not None:
-        _write_all(dest_fd, data)
-    return hasher.finish()
+    return data
+
+
+class _Bounded(io.RawIOBase):
+    """The next ``size`` bytes of a stream, as a stream (``_pump`` reads to the end)."""
+
+    def __init__(self, source: BinaryIO, size: int) -> None:
+        self._source = source
+        self._left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer)[: self._left]
+        n = self._source.readinto(view) if view else 0  # type: ignore[attr-defined]
+        self._left -= n or 0
+        return n or 0
 
 
 STAGE_QUEUE_BLOCKS = 6
@@ -254,12 +306,12 @@ _ALIGN = 4096
 """O_DIRECT needs buffers, offsets and lengths aligned to the device block (4096 covers all)."""
 
 
-def _read_full(source: BinaryIO, buffer: mmap.mmap) -> int:
+def _read_full(source: BinaryIO | io.RawIOBase, buffer: mmap.mmap) -> int:
     """Fill ``buffer`` from ``source`` unless it ends first (pipes return short reads)."""
     view = memoryview(buffer)
     filled = 0
     while filled < len(view):
-        n = source.readinto(view[filled:])  # type: ignore[attr-defined]
+        n = source.readinto(view[filled:])  # type: ignore[union-attr]
         if not n:
             break
         filled += n
@@ -346,18 +398,19 @@ class _Writer:
     last one) or a filesystem that refuses O_DIRECT switches to ordinary writes.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, what: str) -> None:
         self._fd = fd
+        self._what = what
         self._direct = _set_direct(fd, True)
 
     def __call__(self, block: memoryview) -> None:
         if self._direct and len(block) % _ALIGN:
             self._direct = _set_direct(self._fd, False)
         try:
-            _write_all(self._fd, block)
+            _write_all(self._fd, block, self._what)
         except _DirectRefused:
             self._direct = _set_direct(self._fd, False)
-            _write_all(self._fd, block)
+            _write_all(self._fd, block, self._what)
 
 
 class _DirectRefused(Exception):
@@ -377,7 +430,7 @@ def _set_direct(fd: int, on: bool) -> bool:
     return on
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
+def _write_all(fd: int, data: bytes | memoryview, what: str) -> None:
     view = memoryview(data)
     first = True
     while view:
@@ -386,15 +439,15 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         except OSError as exc:
             if first and exc.errno == errno.EINVAL:
                 raise _DirectRefused from None
-            raise _translate_write_error(exc) from None
+            raise _translate_write_error(exc, what) from None
         first = False
         view = view[written:]
 
 
-def _translate_write_error(exc: OSError) -> StorageError:
+def _translate_write_error(exc: OSError, what: str = "the store") -> StorageError:
     if is_no_space(exc):
-        return StoreFull(f"no space left on the device for the store: {exc.strerror}")
-    return StorageError(f"cannot write to the store: {exc.strerror}")
+        return StoreFull(f"no space left on the device for {what}: {exc.strerror}")
+    return StorageError(f"cannot write to {what}: {exc.strerror}")
 
 
 def _fsync(fd: int, what: str) -> None:

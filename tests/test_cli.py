@@ -116,6 +116,8 @@ def test_chunk_uris_read_only_their_range(khome: Path, tmp_path: Path) -> None:
     out = tmp_path / "chunk.bin"
     kn(khome, "load", chunk, "-o", str(out))
     assert out.read_bytes() == data[20_000_000:]
+    kn(khome, "load", uri, "-o", str(out))  # several blocks: the copy that bypasses the cache
+    assert out.read_bytes() == data
     assert kn(khome, "cat", uri, "--start", "19999999", "--end", "20000001").stdout == data[-2:]
 
 

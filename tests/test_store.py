@@ -25,7 +25,7 @@ from kachery.storage import (
     StoreFull,
     schema,
 )
-from kachery.storage.blobstore import _TempFile
+from kachery.storage.blobstore import BLOCK_SIZE, _TempFile, copy_to
 from kachery.storage.db import sqlite_url
 
 from .conftest import pattern_bytes
@@ -201,6 +201,41 @@ def test_a_source_that_grows_while_stored_is_refused(home: NodeHome, tmp_path: P
     ):
         home.files.blobs.ingest(source, expected_size=50)
     assert temp_files(home) == []
+
+
+def test_copy_to_copies_a_range_through_the_direct_writer_and_names_its_target_in_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``load -o``'s copy: a range starting mid-block, several blocks long (O_DIRECT for the
+    aligned blocks), a small one, a source that ends first, and a full disk."""
+    data = pattern_bytes(3 * BLOCK_SIZE + 12_345)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    for start, end in ((777, len(data) - 5), (10, 1010)):
+        dest = tmp_path / "dest.bin"
+        seen: list[int] = []
+        with open(src, "rb", buffering=0) as source, open(dest, "wb", buffering=0) as out:
+            source.seek(start)
+            copy_to(source, out.fileno(), end - start, what="dest.bin", progress=seen.append)
+        assert dest.read_bytes() == data[start:end]
+        assert seen[-1] == end - start
+    with (
+        open(src, "rb", buffering=0) as source,
+        open(tmp_path / "short.bin", "wb") as out,
+        pytest.raises(SourceChanged, match="expected"),
+    ):
+        copy_to(source, out.fileno(), len(data) + 1, what="short.bin")
+
+    def no_space(fd: int, data: bytes | memoryview) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", no_space)
+    with (
+        open(src, "rb", buffering=0) as source,
+        open(tmp_path / "full.bin", "wb") as out,
+        pytest.raises(StoreFull, match=r"no space left on the device for /x/full\.bin"),
+    ):
+        copy_to(source, out.fileno(), len(data), what="/x/full.bin")
 
 
 def test_clean_temp_removes_only_files_whose_writer_died(home: NodeHome) -> None:
