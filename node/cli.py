@@ -23,7 +23,6 @@ from urllib.parse import urlsplit
 from kachery.protocol.channel import MAX_ADDRESS_CHARS, Role, parse_roles
 from kachery.protocol.errors import InvalidInput, KacheryError
 from kachery.protocol.uri import FileURI, parse_file_uri
-from kachery.storage.blobstore import copy_to
 from kachery.storage.errors import NotFound
 
 from .cli_feeds import add_feed_commands
@@ -1018,6 +1017,8 @@ def _copy_atomically(path: Path, start: int, end: int, dest: Path, bar: Progress
     rename: no partial ``dest``. The copy bypasses the page cache where the filesystem allows
     (``copy_to``): through it, copying 1 GiB out of the store took this VM 0.75-3.7 s and up to
     3 CPU-seconds; with O_DIRECT, 0.8-1.0 s and 0.3."""
+    from kachery.storage.blobstore import copy_to  # here: only load -o copies (~10 ms to import)
+
     try:
         source = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
     except OSError as exc:

@@ -20,13 +20,11 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from kachery.protocol.errors import InvalidInput
-from kachery.protocol.tasks import TaskType
 
 from .cli_groups import action_group
 from .client import DaemonClient
 from .home import NodeHome
 from .progress import format_duration
-from .tasks_client import TaskFailed, load_result
 
 EPILOG = """examples:
   kachery-node task request spikesort.v1 --kwargs '{"recording": "sha1://4f2a..."}'
@@ -37,6 +35,11 @@ EPILOG = """examples:
   kachery-node task providers
 
 Functions are served by a worker process that calls kn.run_task_backend(); see the README."""
+
+
+TASK_TYPES = ("pure-calculation", "query", "action")
+"""kachery's task types (protocol.tasks.TaskType) spelled out, so that building the command line
+does not import the task protocol (~27 ms on every command); a test checks that they agree."""
 
 
 def add_task_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -57,8 +60,8 @@ def add_task_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     a.add_argument(
         "--type",
         dest="task_type",
-        default=str(TaskType.PURE),
-        choices=[str(t) for t in TaskType],
+        default=TASK_TYPES[0],
+        choices=TASK_TYPES,
         help="as the function was registered (default %(default)s)",
     )
     a.add_argument("--channel", metavar="NAME", help="where to ask (default: every channel)")
@@ -131,6 +134,8 @@ def _summary(state: dict[str, Any]) -> str:
 
 
 def cmd_task_request(args: argparse.Namespace, out: TextIO) -> int:
+    from .tasks_client import TaskFailed, load_result  # here: see TASK_TYPES
+
     daemon = _daemon()
     state = daemon.call(
         "task_request",

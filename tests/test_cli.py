@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from kachery.node.cli import build_parser
+from kachery.node.cli_tasks import TASK_TYPES
 from kachery.node.progress import format_duration
+from kachery.protocol.tasks import TaskType
 
 from .conftest import pattern_bytes
 
@@ -306,7 +308,13 @@ def test_durations_carry_their_units(seconds: float, shown: str) -> None:
 
 def test_the_command_line_starts_without_loading_sqlalchemy_or_trio() -> None:
     """Every command pays for what the command line imports: the database layer (SQLAlchemy,
-    ~150 ms) and the runtime load only where a command uses them."""
-    code = "import sys, kachery.node.cli; print(sorted({'sqlalchemy', 'trio'} & set(sys.modules)))"
+    ~150 ms), the runtime, the task protocol (~27 ms) and the store's copier load only where a
+    command uses them."""
+    heavy = {"sqlalchemy", "trio", "kachery.protocol.tasks", "kachery.storage.blobstore"}
+    code = f"import sys, kachery.node.cli; print(sorted({heavy!r} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, text=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_task_types_the_command_line_offers_are_the_protocols() -> None:
+    assert list(TASK_TYPES) == [str(t) for t in TaskType]
