@@ -373,20 +373,14 @@ class FeedService:
         )
         for live in self._live.values():
             if live.ref.feed_id == key.id and live.signer is None:
-                live.signer = await self._signer(live)
+                stored = await self.node.run_sync(self.store.head, live.sf)
+                live.signer = self._new_signer(key, live, stored.last_checkpoint)
         return key.id
 
-    async def _signer(self, live: LiveSubfeed) -> FeedSigner | None:
-        key = self._key(live.ref.feed_id)
-        if key is None:
-            return None
-        stored = await self.node.run_sync(self.store.head, live.sf)
+    def _new_signer(self, key: KeyPair, live: LiveSubfeed, last_checkpoint: int) -> FeedSigner:
+        """The owner's signer of a loaded subfeed, signing with the reserve's nonces."""
         return FeedSigner(
-            key,
-            live.ref,
-            live.head,
-            last_checkpoint=stored.last_checkpoint,
-            nonces=self.nonces.take,
+            key, live.ref, live.head, last_checkpoint=last_checkpoint, nonces=self.nonces.take
         )
 
     async def _load(
@@ -435,13 +429,7 @@ class FeedService:
             live.forked = any(f.subfeed_hash == ref.subfeed_hash for f in forks)
             key_pair = self._key(ref.feed_id)
             if key_pair is not None:
-                live.signer = FeedSigner(
-                    key_pair,
-                    ref,
-                    head,
-                    last_checkpoint=stored.last_checkpoint,
-                    nonces=self.nonces.take,
-                )
+                live.signer = self._new_signer(key_pair, live, stored.last_checkpoint)
             self._live[key] = live
             return live
 
