@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import trio
 
@@ -59,6 +59,7 @@ from kachery.protocol.session import (
 )
 
 from .api import exposed
+from .boundary import PeerFaults
 from .errors import NodeError, NotPermitted, Unavailable, lone_error
 from .home import NodeHome
 from .membership import Membership, now_ms
@@ -86,6 +87,13 @@ _REFUSING_CODES = {
     CloseCode.AUTHENTICATION_FAILED,
     CloseCode.NOT_A_MEMBER,
 }
+MAX_HANDSHAKING = 64
+"""Inbound connections still in their handshake at once (unauthenticated: anyone can open one);
+more are closed at once, so a flood cannot hold memory or the event loop."""
+
+MAX_HANDSHAKING_PER_HOST = 8
+"""The same, from one address: one host cannot take every slot."""
+
 ANNOUNCE_REFRESH_SECONDS = 600.0
 """A node re-signs and re-gossips its address announcement this often."""
 
@@ -121,6 +129,10 @@ class Node:
         self.membership = Membership(home, self.run_sync)
         self.membership.on_change = self._on_channel_change
         self.connections: dict[str, PeerConnection] = {}
+        self.faults = PeerFaults()
+        """Where whatever goes wrong while serving one peer is contained and counted."""
+        self._handshaking: dict[str, int] = {}
+        self.refused_handshakes = 0
         self._nursery: trio.Nursery | None = None
         self._dialing: set[str] = set()
         self._backoff: dict[str, Backoff] = {}
@@ -207,7 +219,9 @@ class Node:
         Raises:
             NodeError: the address cannot be bound (in use, not this host's, no permission).
         """
-        start = functools.partial(listen, self._on_inbound, self.listen_host, self.listen_port)
+        start = functools.partial(
+            listen, self._on_inbound, self.listen_host, self.listen_port, faults=self.faults
+        )
         try:
             try:
                 port: int = await nursery.start(start)
@@ -237,6 +251,15 @@ class Node:
     # -- sessions ------------------------------------------------------------------------------
 
     async def _on_inbound(self, link: Link) -> None:
+        host = link.remote
+        if (
+            sum(self._handshaking.values()) >= MAX_HANDSHAKING
+            or self._handshaking.get(host, 0) >= MAX_HANDSHAKING_PER_HOST
+        ):
+            self.refused_handshakes += 1
+            await link.close(CloseCode.GOING_AWAY, "too many handshakes at once; retry later")
+            return
+        self._handshaking[host] = self._handshaking.get(host, 0) + 1
         try:
             session, identified, admission = await handshake_as_responder(
                 link, self.key, observed_address=link.remote, admit=self._admit
@@ -244,6 +267,10 @@ class Node:
         except HandshakeFailed as exc:
             log.info("inbound session not opened: %s", exc)
             return
+        finally:
+            left = self._handshaking.pop(host) - 1
+            if left:
+                self._handshaking[host] = left
         if not admission.channels:  # a former member, told of its removal (_removal_news)
             log.info("told %s... it was removed from a channel", identified.node_id[:16])
             await link.close(CloseCode.NOT_A_MEMBER, "not a member of a shared channel any more")
@@ -370,7 +397,8 @@ class Node:
         async with dial(address) as link:
             conn = await self._open_outbound(link, address, expected_peer, invite)
             task_status.started(conn)
-            await self._run_connection(conn)
+            with self.faults.contain(conn.node_id, "session with"):
+                await self._run_connection(conn)
 
     async def _open_outbound(
         self, link: Link, address: str, expected_peer: str | None, invite: Invite | None
@@ -491,6 +519,10 @@ class Node:
             self._wake_dialer = trio.Event()
 
     async def _dial_target(self, target: DialTarget, jitter: float) -> None:
+        with self.faults.contain(target.node_id or target.address, "dial of"):
+            await self._dial_once(target, jitter)
+
+    async def _dial_once(self, target: DialTarget, jitter: float) -> None:
         try:
             await self.connect(target.address, expected_peer=target.node_id)
         except (DialError, HandshakeFailed) as exc:
@@ -591,7 +623,7 @@ class Node:
         except KacheryError as exc:
             log.debug("could not fetch documents from %s...: %s", conn.node_id[:16], exc)
             return
-        assert isinstance(reply, DocResponse)
+        reply = cast(DocResponse, reply)  # request() checked it
         try:
             await self.membership.accept_docs(channel, reply.docs)
         except RemoteProtocolError as exc:
@@ -687,6 +719,8 @@ class Node:
             "pid": os.getpid(),
             "uptimeSeconds": round(time.time() - self.started_at, 1),
             "peers": len(self.connections),
+            **self.faults.statistics(),
+            "handshakesRefusedBusy": self.refused_handshakes,
             "channels": [self.membership.describe(c) for c in self.membership.channel_ids()],
             **{s.name: s.statistics() for s in self.services},
         }

@@ -44,3 +44,12 @@ def lone_error(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+class LinkClosed(Exception):
+    """The link is closed; ``code`` and ``reason`` are the websocket close code and reason."""
+
+    def __init__(self, code: int | None, reason: str | None) -> None:
+        super().__init__(f"link closed ({code}: {reason or 'no reason'})")
+        self.code = code
+        self.reason = reason or ""

@@ -31,7 +31,12 @@ from typing import Any, Protocol
 
 import trio
 
-from kachery.protocol.errors import CloseCode, KacheryError, RemoteProtocolError
+from kachery.protocol.errors import (
+    CloseCode,
+    KacheryError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from kachery.protocol.identity import KeyPair
 from kachery.protocol.messages import ErrorCode, ErrorReply, Message, Ping, Pong, UnknownMessage
 from kachery.protocol.session import (
@@ -45,6 +50,7 @@ from kachery.protocol.session import (
     ResponderIdentified,
     Session,
     Side,
+    State,
     Welcomed,
 )
 
@@ -63,6 +69,11 @@ KEEPALIVE_TIMEOUT = 45.0
 REQUEST_TIMEOUT = 30.0
 MAX_CONCURRENT_REQUESTS = 64
 """Requests from one peer handled at once; more are answered ``busy``."""
+
+MAX_CONCURRENT_MESSAGES = 64
+"""One-way messages from one peer acted on at once; more are dropped (and counted): gossip
+recovers what is lost (heads are announced again, ranges are pulled), and a peer that floods
+cannot make this node hold one task per message."""
 
 CONTROL_QUEUE = 256
 """Control messages waiting to be sent (small: gossip, requests, replies)."""
@@ -88,6 +99,10 @@ class RequestFailed(NodeError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class _SessionOver(Exception):
+    """The session closed under the writer: it stops sending."""
 
 
 class Refusal(Exception):
@@ -265,6 +280,8 @@ class PeerConnection:
         self._flushed = trio.Event()
         self._last_heard = time.monotonic()
         self._busy = trio.Semaphore(MAX_CONCURRENT_REQUESTS)
+        self._message_slots = trio.Semaphore(MAX_CONCURRENT_MESSAGES)
+        self.messages_dropped = 0
         self._cancel = trio.CancelScope()
         self._ping_sent: dict[int, float] = {}
         self.bytes_sent = 0
@@ -358,6 +375,11 @@ class PeerConnection:
             return
         request_id = getattr(msg, "id", None)
         if request_id is None:
+            try:
+                self._message_slots.acquire_nowait()
+            except trio.WouldBlock:
+                self.messages_dropped += 1
+                return
             nursery.start_soon(self._handle_message, msg)
             return
         refusal = self.handlers.check(self, msg)
@@ -395,15 +417,21 @@ class PeerConnection:
             await self.handlers.handle_message(self, msg)
         except KacheryError as exc:
             log.info("ignored %s from %s: %s", type(msg).__name__, self.node_id[:16], exc)
+        finally:
+            self._message_slots.release()
 
     async def _writer(self) -> None:
+        with contextlib.suppress(_SessionOver):
+            await self._write_frames()
+
+    async def _write_frames(self) -> None:
         while True:
             try:
                 msg = self._control_recv.receive_nowait()
             except trio.WouldBlock:
                 pass
             else:
-                await self._send_frame(self.session.send_message(msg))
+                await self._send_frame(self._seal_message(msg))
                 continue
             if self._closing:  # every control message queued before the close has gone out
                 self._flushed.set()
@@ -414,12 +442,26 @@ class PeerConnection:
                 pass
             else:
                 if isinstance(item, Message):  # a reply that closes a bulk transfer
-                    await self._send_frame(self.session.send_message(item))
+                    await self._send_frame(self._seal_message(item))
                 else:
-                    await self._send_frame(self.session.send_data(*item))
+                    await self._send_frame(self._seal(self.session.send_data, *item))
                 continue
             self._work = trio.Event()
             await self._work.wait()
+
+    def _seal_message(self, msg: Message) -> bytes:
+        return self._seal(self.session.send_message, msg)
+
+    def _seal(self, send: Callable[..., bytes], *args: Any) -> bytes:
+        """Encrypt one frame; once the reader has closed the session (the peer sent an
+        unauthentic frame), the frames still queued are dropped and the writer ends quietly."""
+        try:
+            return send(*args)
+        except LocalProtocolError:
+            if self.session.state is not State.CLOSED:
+                raise
+            self._cancel.cancel()
+            raise _SessionOver from None
 
     async def _send_frame(self, frame: bytes) -> None:
         try:
@@ -439,6 +481,12 @@ class PeerConnection:
             self._ping_sent = {nonce: time.monotonic()}
             self._queue_control(Ping(nonce=nonce))
             await trio.sleep(KEEPALIVE_INTERVAL)
+
+    def _end(self, code: int, reason: str) -> None:
+        """End the session now (from any task), telling the peer ``code`` and ``reason``."""
+        if self.close_code is None:
+            self.close_code, self.close_reason = code, reason
+        self._cancel.cancel()
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -489,9 +537,16 @@ class PeerConnection:
             if self.closed.is_set():
                 raise Unavailable(f"the session with {self.node_id[:16]}... closed")
             raise Unavailable(f"{self.node_id[:16]}... did not answer within {reply_timeout:.0f} s")
-        if isinstance(pending.reply, ErrorReply):
-            raise_for_reply(pending.reply)
-        return pending.reply
+        reply = pending.reply
+        if isinstance(reply, ErrorReply):
+            raise_for_reply(reply)
+        expected = type(msg).REPLY_TYPE
+        if expected is None or not isinstance(reply, expected):
+            # the peer's protocol error: its session ends (a penalty no peer can shrug off)
+            reason = f"answered {type(msg).__name__} with {type(reply).__name__}"
+            self._end(CloseCode.PROTOCOL_ERROR, reason)
+            raise RequestFailed(ErrorCode.BAD_REQUEST, f"{self.node_id[:16]}... {reason}")
+        return reply
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -504,6 +559,7 @@ class PeerConnection:
             "bytesSent": self.bytes_sent,
             "bytesReceived": self.bytes_received,
             "pendingRequests": len(self._pending),
+            "messagesDropped": self.messages_dropped,
         }
 
 

@@ -41,7 +41,8 @@ from trio_websocket import (
 from kachery.protocol.session import MAX_FRAME_BYTES, PROTOCOL
 
 from . import wsmask
-from .errors import NodeError
+from .boundary import PeerFaults, leaves
+from .errors import LinkClosed, NodeError
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,6 @@ DIAL_TIMEOUT = 10.0
 
 CLOSE_TIMEOUT = 1.0
 """Seconds to wait for the peer's half of the websocket close handshake before dropping TCP."""
-
-
-class LinkClosed(Exception):
-    """The link is closed; ``code`` and ``reason`` are the websocket close code and reason."""
-
-    def __init__(self, code: int | None, reason: str | None) -> None:
-        super().__init__(f"link closed ({code}: {reason or 'no reason'})")
-        self.code = code
-        self.reason = reason or ""
 
 
 class DialError(NodeError):
@@ -130,19 +122,28 @@ async def listen(
     host: str,
     port: int,
     *,
+    faults: PeerFaults,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Serve kachery/1 websockets; ``task_status.started(bound port)``; calls ``handler(link)``."""
+    """Serve kachery/1 websockets; ``task_status.started(bound port)``; calls ``handler(link)``.
+
+    Whatever a connection raises is contained in ``faults`` (node/boundary.py).
+    """
 
     async def on_request(request: WebSocketRequest) -> None:
-        offered = list(request.proposed_subprotocols)
-        if PROTOCOL not in offered:
-            body = f"this node speaks {PROTOCOL}; the dialer offered {offered or 'nothing'}"
-            await request.reject(400, body=body.encode())
-            return
-        ws = await request.accept(subprotocol=PROTOCOL)
-        remote = getattr(request.remote, "address", str(request.remote))
-        await handler(WebSocketLink(ws, str(remote)))
+        # The peer boundary: a reset right after the upgrade (accept raises ConnectionClosed,
+        # request.remote raises ENOTCONN) or any failure in the handler ends this connection
+        # only; serve_websocket would otherwise let it end the listener, and the daemon.
+        remote = "(address unknown)"
+        with faults.contain(remote, "inbound connection from"):
+            remote = str(getattr(request.remote, "address", request.remote))
+            offered = list(request.proposed_subprotocols)
+            if PROTOCOL not in offered:
+                body = f"this node speaks {PROTOCOL}; the dialer offered {offered or 'nothing'}"
+                await request.reject(400, body=body.encode())
+                return
+            ws = await request.accept(subprotocol=PROTOCOL)
+            await handler(WebSocketLink(ws, remote))
 
     serve = functools.partial(
         serve_websocket,
@@ -248,7 +249,7 @@ def _tls_context_for(cert_file: str | None, cert_dir: str | None) -> ssl.SSLCont
 
 def _dial_error(address: str, group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one error to report for a websocket upgrade that failed inside ``dial``."""
-    for exc in _leaves(group):
+    for exc in leaves(group):
         if isinstance(exc, DialError):
             return exc
         if isinstance(exc, ConnectionRejected):
@@ -259,13 +260,6 @@ def _dial_error(address: str, group: BaseExceptionGroup[BaseException]) -> BaseE
         if isinstance(exc, (HandshakeError, ConnectionClosed, OSError)):
             return DialError(f"{address}: the websocket upgrade failed ({exc})")
     return group
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return found
 
 
 class MemoryLink:

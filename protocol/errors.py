@@ -48,6 +48,7 @@ class CloseCode(IntEnum):
     GOING_AWAY = 1001
     PROTOCOL_ERROR = 1002
     MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
     # 4000-4999 are for applications.
     VERSION_MISMATCH = 4000
     AUTHENTICATION_FAILED = 4001
