@@ -49,7 +49,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import trio
 
@@ -858,7 +858,7 @@ class FeedService:
         except KacheryError as exc:
             self._offence(peer, f"sent message {diverged.number} but not message {number} ({exc})")
             return
-        assert isinstance(reply, FeedGetResponse)
+        reply = cast(FeedGetResponse, reply)  # request() checked it
         held = live.recent.get(number) or await self.node.run_sync(
             self.store.message, live.sf, number
         )
@@ -1038,7 +1038,7 @@ class FeedService:
                             limit=f.limit,
                         )
                     )
-                    assert isinstance(reply, FeedGetResponse)
+                    reply = cast(FeedGetResponse, reply)  # request() checked it
                     f.reply = reply
                 except KacheryError as exc:
                     f.error = exc
@@ -1136,7 +1136,7 @@ class FeedService:
         except KacheryError as exc:
             log.debug("%s... does not serve %s: %s", conn.node_id[:16], live.ref, exc)
             return
-        assert isinstance(reply, FeedSubscribeResponse)
+        reply = cast(FeedSubscribeResponse, reply)  # request() checked it
         if conn.closed.is_set() or live.deleted:
             return
         live.gossip.source_added(conn.node_id, channel, reply.count)
@@ -1541,7 +1541,7 @@ class FeedService:
                 except KacheryError as exc:
                     errors.append(f"{conn.node_id[:16]}...: {exc}")
                     break
-                assert isinstance(reply, FeedSubmitResponse)
+                reply = cast(FeedSubmitResponse, reply)  # request() checked it
                 return {"start": reply.start, "count": reply.count, "owner": conn.node_id}
         if errors:
             raise NotPermitted("submission refused: " + "; ".join(errors))

@@ -47,7 +47,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
@@ -1457,7 +1457,7 @@ class TaskService:
                 )
                 async with self._peer_slot(chosen.node_id):
                     reply = await conn.request(request)
-                assert isinstance(reply, TaskRequestResponse)
+                reply = cast(TaskRequestResponse, reply)  # request() checked it
                 update, lease_ms = reply.update(spec.request_id), reply.lease_ms
         except (InvalidInput, RequestFailed) as exc:
             if isinstance(exc, InvalidInput) or exc.code == ErrorCode.BAD_REQUEST:

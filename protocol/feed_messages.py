@@ -84,7 +84,7 @@ class FeedSubscribe(Message):
         _check_count(self, "count", self.count)
 
 
-@message(MsgType.FEED_SUBSCRIBE_RESPONSE, reply=True)
+@message(MsgType.FEED_SUBSCRIBE_RESPONSE, answers=FeedSubscribe)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FeedSubscribeResponse(Message):
     """The responder's count, and whether it pushes new messages to the subscriber eagerly."""
@@ -134,7 +134,7 @@ class FeedGet(Message):
             raise _bad(f"FeedGet.limit must be 1..{MAX_BATCH_MESSAGES}")
 
 
-@message(MsgType.FEED_GET_RESPONSE, reply=True)
+@message(MsgType.FEED_GET_RESPONSE, answers=FeedGet)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FeedGetResponse(Message):
     """Messages from ``start`` on, the checkpoints among them, and the responder's count."""
@@ -203,7 +203,7 @@ class FeedSubmit(Message):
             raise _bad(f"FeedSubmit carries 1..{MAX_SUBMIT_MESSAGES} messages")
 
 
-@message(MsgType.FEED_SUBMIT_RESPONSE, reply=True)
+@message(MsgType.FEED_SUBMIT_RESPONSE, answers=FeedSubmit)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FeedSubmitResponse(Message):
     """The submitted messages are appended as numbers ``start .. start + count - 1``."""

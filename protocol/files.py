@@ -70,7 +70,7 @@ class FindFile(Message):
         _check_sha1(self.sha1)
 
 
-@message(MsgType.FIND_FILE_RESPONSE, reply=True)
+@message(MsgType.FIND_FILE_RESPONSE, answers=FindFile)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FindFileResponse(Message):
     """``has``: this node serves it now; ``size`` and ``manifest_sha1`` describe it."""
@@ -105,7 +105,7 @@ class GetData(Message):
             raise RemoteProtocolError("GetData stream must fit in 32 bits")
 
 
-@message(MsgType.GET_DATA_RESPONSE, reply=True, after_data=True)
+@message(MsgType.GET_DATA_RESPONSE, answers=GetData, after_data=True)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GetDataResponse(Message):
     """All frames of the range were sent (``sent`` bytes); it travels behind them."""

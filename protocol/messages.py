@@ -95,6 +95,9 @@ class Message:
     """For requests: the role the sender needs in the request's channel (None: any member)."""
     AFTER_DATA: ClassVar[bool] = False
     """Sent in order behind bulk data frames (not ahead of them, as control messages are)."""
+    REPLY_TYPE: ClassVar[type[Message] | None] = None
+    """For requests: the one response type that answers it (besides an ``ErrorReply``); a
+    reply of any other type is the peer's protocol error. Set by ``@message(answers=...)``."""
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -105,13 +108,20 @@ _REGISTRY: dict[int, type[Message]] = {}
 
 
 def message(
-    msg_type: MsgType, *, reply: bool = False, role: Role | None = None, after_data: bool = False
+    msg_type: MsgType,
+    *,
+    reply: bool = False,
+    answers: type[Message] | None = None,
+    role: Role | None = None,
+    after_data: bool = False,
 ) -> typing.Callable[[type[M]], type[M]]:
     """Class decorator: register a message class under its type number.
 
     Args:
         msg_type: its number on the wire.
         reply: it answers a request (carries that request's ``id``).
+        answers: the request class it answers (implies ``reply``): that request's
+            ``REPLY_TYPE`` becomes this class, so no other reply type is accepted for it.
         role: for a request (a message with ``id`` and ``channel`` that is not a reply), the
             role its sender needs in the channel; None means membership is enough.
         after_data: the message closes a bulk transfer and must not overtake its data frames.
@@ -120,8 +130,12 @@ def message(
     def register(cls: type[M]) -> type[M]:
         if msg_type in _REGISTRY:
             raise LocalProtocolError(f"message type {msg_type!r} registered twice")
+        if answers is not None:
+            if answers.REPLY_TYPE is not None:
+                raise LocalProtocolError(f"{answers.__name__} already has a reply type")
+            answers.REPLY_TYPE = cls
         cls.TYPE = msg_type
-        cls.REPLY = reply
+        cls.REPLY = reply or answers is not None
         cls.ROLE = role
         cls.AFTER_DATA = after_data
         _REGISTRY[msg_type] = cls
@@ -287,7 +301,7 @@ class DocRequest(Message):
     after: int
 
 
-@message(MsgType.DOC_RESPONSE, reply=True)
+@message(MsgType.DOC_RESPONSE, answers=DocRequest)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DocResponse(Message):
     id: int
@@ -321,7 +335,7 @@ class PeerListRequest(Message):
     channel: str
 
 
-@message(MsgType.PEER_LIST_RESPONSE, reply=True)
+@message(MsgType.PEER_LIST_RESPONSE, answers=PeerListRequest)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PeerListResponse(Message):
     id: int

@@ -375,7 +375,7 @@ class TaskRequest(Message):
             raise _bad("TaskRequest.taskId is not 40 lowercase hex digits")
 
 
-@message(MsgType.TASK_REQUEST_RESPONSE, reply=True)
+@message(MsgType.TASK_REQUEST_RESPONSE, answers=TaskRequest)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskRequestResponse(Message):
     """The provider took the task: its status now, and the lease it holds (``lease_ms``)."""
@@ -568,7 +568,7 @@ class TaskLookup(Message):
             raise _bad("TaskLookup: actions have no cached results")
 
 
-@message(MsgType.TASK_LOOKUP_RESPONSE, reply=True)
+@message(MsgType.TASK_LOOKUP_RESPONSE, answers=TaskLookup)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskLookupResponse(Message):
     """``found``: the result file is here (fetch it with the chunk exchange)."""
