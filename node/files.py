@@ -179,7 +179,10 @@ class FileService:
         self.downloads = node.home.downloads
         self._uploads = trio.Semaphore(MAX_UPLOADS)
         self._uploads_per_peer: dict[str, trio.Semaphore] = {}
+        self._serving: set[tuple[str, int]] = set()
+        """Streams being served now (bounded by MAX_UPLOADS_PER_PEER waiting per request)."""
         self._cancelled: set[tuple[str, int]] = set()
+        """Of those, the ones the requester cancelled."""
         self._receivers: dict[tuple[str, int], _Receiver] = {}
         self._streams = itertools.count(1)
         self._find_cache: dict[str, tuple[float, list[Provider]]] = {}
@@ -230,6 +233,7 @@ class FileService:
         )
         key = (conn.node_id, msg.stream)
         sent = 0
+        self._serving.add(key)
         async with self._uploads, per_peer:
             fd = await trio.to_thread.run_sync(os.open, entry.path, os.O_RDONLY)
             try:
@@ -250,13 +254,16 @@ class FileService:
                         position += len(block)
             finally:
                 os.close(fd)
-        self._cancelled.discard(key)
+                self._serving.discard(key)
+                self._cancelled.discard(key)
         self.bytes_uploaded += sent
         log.debug("served %d bytes of %s to %s...", sent, msg.sha1[:12], conn.node_id[:12])
         return GetDataResponse(id=msg.id, sent=sent)
 
     async def _on_cancel(self, conn: PeerConnection, msg: CancelData) -> None:
-        self._cancelled.add((conn.node_id, msg.stream))
+        key = (conn.node_id, msg.stream)
+        if key in self._serving:  # a cancel for a stream never asked for is ignored
+            self._cancelled.add(key)
 
     async def _on_data(self, conn: PeerConnection, event: DataReceived) -> None:
         receiver = self._receivers.get((conn.node_id, event.stream))
@@ -476,6 +483,8 @@ class FileService:
         providers = await self.find(uri.sha1, only=only)
         if not providers:
             raise self._not_found(uri, only)
+        if uri.manifest_sha1 is None:
+            providers = _agreeing(uri, providers)
         size = providers[0].size
         manifest_sha1 = uri.manifest_sha1 or providers[0].manifest_sha1
         manifest = None
@@ -494,6 +503,11 @@ class FileService:
                     f"the manifest of {uri} describes another file ({manifest.sha1})"
                 )
             size = manifest.size
+            providers = [p for p in providers if p.size == size]
+            if not providers:
+                raise Unavailable(
+                    f"no provider of {uri} claims the size its manifest gives ({size} bytes)"
+                )
         pieces = pieces_of(size, uri.sha1, manifest)
         record = await self.node.run_sync(
             self.downloads.begin, uri.sha1, manifest_sha1, size, len(pieces)
@@ -545,7 +559,7 @@ class FileService:
         providers = await self.find(uri.sha1)
         if not providers:
             raise self._not_found(uri)
-        lo, hi = _check_range(start, end, providers[0].size)
+        lo, hi = _check_range(start, end, _agreeing(uri, providers)[0].size)
         landed = await self._download_once(uri, byte_range=(lo, hi))
         if landed is not None:
             return landed.path, lo, hi
@@ -770,6 +784,33 @@ class FileService:
             freed = await self.node.run_sync(self.downloads.forget, sha1)
         log.info("discarded the unfinished download of sha1://%s (%d bytes)", sha1, freed)
         return {"sha1": sha1, "freedBytes": freed}
+
+
+def _agreeing(uri: FileURI, providers: list[Provider]) -> list[Provider]:
+    """The providers whose own claim of a file's size and manifest is the one most of them make
+    (ties: the larger size, then the manifest hash), for a URI that pins neither.
+
+    Only providers that made the claim a download follows are asked for its pieces, so a piece
+    that fails the claimed hashes contradicts its sender's own authenticated answer: proof
+    enough to penalise it. A member that lies about the size or the manifest only keeps itself
+    out of the download; it cannot get honest providers penalised.
+    """
+    claims: dict[tuple[int, str], list[Provider]] = {}
+    for p in providers:
+        claims.setdefault((p.size, p.manifest_sha1 or ""), []).append(p)
+    if len(claims) == 1:
+        return providers
+    chosen = max(claims, key=lambda c: (len(claims[c]), c))
+    others = [p.node_id[:16] + "..." for c, ps in claims.items() if c != chosen for p in ps]
+    log.warning(
+        "providers of %s disagree on its size or manifest; following the claim of %d of them"
+        " (%d bytes), not that of %s",
+        uri.sha1[:12],
+        len(claims[chosen]),
+        chosen[0],
+        ", ".join(others),
+    )
+    return claims[chosen]
 
 
 def _check_range(start: int, end: int | None, size: int) -> tuple[int, int]:
