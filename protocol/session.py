@@ -400,7 +400,10 @@ class Session:
     def _derive(self, peer_ephemeral: bytes, peer_nonce: bytes, m1: bytes) -> None:
         if len(peer_ephemeral) != 32 or len(peer_nonce) != NONCE_BYTES:
             raise _bad("handshake ephemeral key and nonce must be 32 bytes each")
-        shared = bytes(nacl.bindings.crypto_scalarmult(self._e_secret, peer_ephemeral))
+        try:
+            shared = bytes(nacl.bindings.crypto_scalarmult(self._e_secret, peer_ephemeral))
+        except (nacl.exceptions.CryptoError, nacl.exceptions.RuntimeError, RuntimeError):
+            shared = bytes(32)  # libsodium refuses low-order points (all-zero results)
         if shared == bytes(32):
             raise _bad(
                 "handshake ephemeral key is a low-order point", CloseCode.AUTHENTICATION_FAILED
