@@ -5,7 +5,11 @@ roles, is the membership document: a body signed with kachery's one rule (canoni
 body that names its format). Version 1 is signed by the owner. Version N + 1 is valid if the
 owner signed it, or a node that is an admin in version N did; so nodes keep the chain of
 documents, and the highest valid version wins. If two valid documents share a version (a revoked
-admin racing the owner), the owner's wins, then the lower signature: every node picks the same.
+admin racing the owner), the owner's wins; then a document that takes admin from the other's
+signer (and keeps the other's signer's own), then the lower signature: every node picks the same.
+A removal stands: a document signed by a node that a held version at or after its own version
+took admin from never replaces the held one (else an ex-admin could re-sign an earlier version
+with a lower signature and drop the chain that removed it).
 
 Invites are tokens naming the channel, how to reach an admin, the roles granted, an expiry and a
 secret; the admin who issued one signs it, so a tampered token is refused. A joiner proves it
@@ -315,13 +319,31 @@ class ChannelHistory:
                     f"membership document version {doc.version} is signed by a node that is not"
                     f" an admin in version {doc.version - 1}"
                 )
-        if existing is not None and not _wins(signed, existing):
+        if existing is not None and (
+            (signed.signer != self.channel_id and self._revoked(signed.signer, doc.version))
+            or not _wins(signed, existing, self._by_version.get(doc.version - 1))
+        ):
             return Accepted.KNOWN
         self._by_version[doc.version] = signed
         if existing is not None:  # the losing branch's successors fall with it
             for v in [v for v in self._by_version if v > doc.version]:
                 del self._by_version[v]
         return Accepted.NEW
+
+    def _revoked(self, signer: str, since: int) -> bool:
+        """Whether a held version ``>= since`` took admin from ``signer``."""
+        for version in sorted(v for v in self._by_version if v >= since):
+            previous = self._by_version.get(version - 1)
+            if previous is not None and _revokes(self._by_version[version], signer, previous):
+                return True
+        return False
+
+
+def _revokes(signed: SignedDoc, node_id: str, previous: SignedDoc) -> bool:
+    """``signed`` takes admin from ``node_id``, an admin in ``previous``."""
+    return Role.ADMIN in previous.doc.roles_of(node_id) and Role.ADMIN not in signed.doc.roles_of(
+        node_id
+    )
 
 
 class Accepted(StrEnum):
@@ -332,12 +354,19 @@ class Accepted(StrEnum):
     NEED_PREDECESSOR = "need-predecessor"
 
 
-def _wins(candidate: SignedDoc, incumbent: SignedDoc) -> bool:
-    """Between two valid documents of one version: the owner's, then the lower signature."""
+def _wins(candidate: SignedDoc, incumbent: SignedDoc, previous: SignedDoc | None) -> bool:
+    """Between two valid documents of one version: the owner's; then the one that takes admin
+    from the other's signer while the other does not take it from its own; then the lower
+    signature. The same on every node, whichever arrived first."""
     cand_owner = candidate.signer == candidate.doc.channel_id
     inc_owner = incumbent.signer == incumbent.doc.channel_id
     if cand_owner != inc_owner:
         return cand_owner
+    if previous is not None and not cand_owner:
+        cand_revokes = _revokes(candidate, incumbent.signer, previous)
+        inc_revokes = _revokes(incumbent, candidate.signer, previous)
+        if cand_revokes != inc_revokes:
+            return cand_revokes
     return candidate.signature < incumbent.signature
 
 
