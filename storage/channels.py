@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Connection, Table, delete, select, update
 
 from kachery.protocol.channel import Announcement, Invite, Role, SignedDoc, parse_roles
 from kachery.protocol.codec import decode, encode
@@ -195,18 +195,18 @@ class Channels:
         table = schema.peers
         data = encode(announcement.to_wire())
         with self.db.begin() as conn:
-            row = conn.execute(
-                select(table.c.announced_at).where(table.c.node_id == announcement.node_id)
-            ).first()
+            known = select(table.c.announced_at).where(table.c.node_id == announcement.node_id)
+            row = conn.execute(known).first()
             if row is None:
-                conn.execute(
-                    table.insert().values(
-                        node_id=announcement.node_id,
-                        announcement=data,
-                        announced_at=announcement.timestamp,
-                    )
-                )
-                return True
+                if _insert_new(
+                    conn,
+                    table,
+                    node_id=announcement.node_id,
+                    announcement=data,
+                    announced_at=announcement.timestamp,
+                ):
+                    return True
+                row = conn.execute(known).one()  # mark_connected made the row meanwhile
             if row.announced_at >= announcement.timestamp:
                 return False
             conn.execute(
@@ -236,15 +236,35 @@ class Channels:
             result = conn.execute(
                 update(table).where(table.c.node_id == node_id).values(last_connected=time.time())
             )
-            if not result.rowcount:
+            if not result.rowcount and not _insert_new(
+                conn,
+                table,
+                node_id=node_id,
+                announcement=None,
+                announced_at=0,
+                last_connected=time.time(),
+            ):  # save_announcement made the row meanwhile
                 conn.execute(
-                    table.insert().values(
-                        node_id=node_id,
-                        announcement=None,
-                        announced_at=0,
-                        last_connected=time.time(),
-                    )
+                    update(table)
+                    .where(table.c.node_id == node_id)
+                    .values(last_connected=time.time())
                 )
+
+
+def _insert_new(conn: Connection, table: Table, **values: Any) -> bool:
+    """Insert a row unless one with its primary or unique key exists (another thread may have
+    made it since this transaction looked); True if this call inserted it."""
+    if conn.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        statement: Any = sqlite_insert(table).values(**values).on_conflict_do_nothing()
+    elif conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        statement = pg_insert(table).values(**values).on_conflict_do_nothing()
+    else:
+        statement = table.insert().values(**values)
+    return bool(conn.execute(statement).rowcount)
 
 
 def _invite(row: Any) -> InviteRecord:
