@@ -54,8 +54,8 @@ from kachery.protocol.session import (
     Welcomed,
 )
 
-from .errors import NodeError, NotPermitted, Unavailable
-from .transport import Link, LinkClosed
+from .errors import LinkClosed, NodeError, NotPermitted, Unavailable
+from .transport import Link
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,8 @@ from kachery.protocol.session import MAX_FRAME_BYTES, PROTOCOL
 
 from . import wsmask
 from .boundary import PeerFaults, leaves
-from .errors import LinkClosed, NodeError
+from .errors import LinkClosed as LinkClosed  # re-exported: where a Link raises it
+from .errors import NodeError
 
 log = logging.getLogger(__name__)
 
