@@ -71,7 +71,9 @@ class NodeHome:
         """
         path = (path or default_home()).expanduser().absolute()
         try:
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            from kachery.storage.blobstore import make_private_dirs
+
+            make_private_dirs(path)
         except OSError as exc:
             raise NodeError(f"cannot create the node home {path}: {exc.strerror}") from None
         key_path = path / KEY_FILE
@@ -80,7 +82,7 @@ class NodeHome:
             _write_key(key_path, os.urandom(SEED_BYTES))
             created = True
         home = cls.open(path)
-        (path / NODE_ID_FILE).write_text(home.node_id + "\n")
+        _write_private(path / NODE_ID_FILE, home.node_id + "\n")
         home.files.blobs.clean_temp()
         return home, created
 
@@ -122,7 +124,14 @@ class NodeHome:
     def database(self) -> Database:
         from kachery.storage.db import Database, sqlite_url
 
-        url = os.environ.get(DATABASE_URL_ENV) or sqlite_url(self.path / "kachery.db")
+        url = os.environ.get(DATABASE_URL_ENV)
+        if url is None:
+            # SQLite gives the -wal and -shm files the database file's mode: create it 0600
+            # (it holds invite secrets), and tighten one a former version left 0644.
+            db_path = self.path / "kachery.db"
+            os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT, 0o600))
+            os.chmod(db_path, 0o600)
+            url = sqlite_url(db_path)
         return Database(url)
 
     @cached_property
@@ -182,7 +191,9 @@ class NodeHome:
         already kept changes nothing.
         """
         path = self._key_path(kind, key.id)
-        path.parent.mkdir(mode=0o700, exist_ok=True)
+        from kachery.storage.blobstore import make_private_dirs
+
+        make_private_dirs(path.parent)
         if not path.exists():
             _write_key(path, key.seed)
 
@@ -198,6 +209,16 @@ class NodeHome:
     def close(self) -> None:
         if "database" in self.__dict__:
             self.database.close()
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (replacing it) with mode 0600 whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 def _write_key(path: Path, seed: bytes) -> None:

@@ -16,6 +16,7 @@ Non-goal: the index of what is stored (files.py) and anything about the network.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import io
@@ -48,8 +49,8 @@ class BlobStore:
         self.root = root
         self.blob_root = root / "sha1"
         self.tmp_dir = root / "tmp"
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.blob_root.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.tmp_dir)
+        make_private_dirs(self.blob_root)
 
     def blob_path(self, sha1: str) -> Path:
         """Where the blob named ``sha1`` lives (whether or not it exists)."""
@@ -459,9 +460,29 @@ def _fsync(fd: int, what: str) -> None:
 
 def _makedirs(path: Path) -> None:
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(path)
     except OSError as exc:
         raise _translate_write_error(exc) from None
+
+
+PRIVATE_DIR = 0o700
+"""Every folder a node makes in its home: its store, keys and database are its user's alone."""
+
+
+def make_private_dirs(path: Path) -> None:
+    """``mkdir -p`` whose every new folder is 0700 whatever the umask (``Path.mkdir`` makes the
+    parents with the umask's mode); ``path`` itself, if it existed looser, is tightened."""
+    missing = []
+    folder = path
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(new, PRIVATE_DIR)
+        os.chmod(new, PRIVATE_DIR)
+    if not missing and path.stat().st_mode & 0o077:
+        os.chmod(path, PRIVATE_DIR)
 
 
 class _TempFile:
@@ -473,7 +494,7 @@ class _TempFile:
 
     def __enter__(self) -> _TempFile:
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
             raise _translate_write_error(exc) from None
         fcntl.flock(self.fd, fcntl.LOCK_EX)

@@ -16,6 +16,7 @@ from pathlib import Path
 from sqlalchemy import delete, select, update
 
 from . import schema
+from .blobstore import make_private_dirs
 from .db import Database
 
 
@@ -46,7 +47,7 @@ class Downloads:
     def __init__(self, db: Database, store_root: Path) -> None:
         self.db = db
         self.partial_dir = store_root / "partial"
-        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.partial_dir)
 
     def partial_path(self, sha1: str) -> Path:
         return self.partial_dir / f"{sha1}.part"
@@ -76,8 +77,11 @@ class Downloads:
             return existing
         self.forget(sha1)
         path = self.partial_path(sha1)
-        with open(path, "wb") as f:
-            f.truncate(size)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
         now = time.time()
         with self.db.begin() as conn:
             conn.execute(
