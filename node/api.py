@@ -351,10 +351,14 @@ async def _gateway(scope: HTTPScope, send: ASGISendCallable, locate: Locate) -> 
         text += "?" + query
     try:
         uri = parse_file_uri(text)
-    except InvalidInput as exc:
+    except (InvalidInput, ValueError) as exc:
         await _send_json(send, 400, {"error": {"type": "InvalidURI", "message": str(exc)}})
         return
-    located = await trio.to_thread.run_sync(locate, uri)
+    try:
+        located = await trio.to_thread.run_sync(locate, uri)
+    except InvalidInput as exc:  # a chunk URI whose range or hash does not match the stored file
+        await _send_json(send, 400, {"error": {"type": "InvalidURI", "message": str(exc)}})
+        return
     if located is None:
         message = f"{uri} is not stored on this node (the gateway does not fetch from peers)"
         await _send_json(send, 404, {"error": {"type": "NotFound", "message": message}})

@@ -76,3 +76,25 @@ def test_the_gateway_serves_chunk_uris_and_refuses_what_is_not_stored(
     assert "not stored on this node" in json.loads(body)["error"]["message"]
     status, _, body = get(node, "/sha1/nothex")
     assert status == 400
+
+
+def test_malformed_or_wrong_requests_get_400_or_404_never_500(node: Daemon, tmp_path: Path) -> None:
+    data = os.urandom(100_000)
+    src = tmp_path / "small.bin"
+    src.write_bytes(data)
+    node.cli("store", str(src))
+    file_sha1 = hashlib.sha1(data).hexdigest()
+    good = hashlib.sha1(data[:1000]).hexdigest()
+    cases = {
+        f"/sha1/{'0' * 40}?chunkOf={file_sha1}~0~1000": 400,  # wrong hash for the range
+        f"/sha1/{good}?chunkOf={file_sha1}~0~999999": 400,  # range past the end of the file
+        f"/sha1/{good}?chunkOf={'1' * 40}~0~1000": 404,  # whole file not stored here
+        "/sha1/" + "g" * 40: 400,  # not hex
+        f"/sha1/{file_sha1}?%ff%00=&&==chunkOf": 400,  # garbage query string
+    }
+    for path, wanted in cases.items():
+        status, _, body = get(node, path)
+        assert status == wanted, (path, status, body)
+        message = json.loads(body)["error"]["message"]
+        assert message, path
+        assert "\n" not in message, (path, message)
