@@ -52,6 +52,14 @@ MAX_FRAME_BYTES = 4 * 1024 * 1024 + 64
 plus the frame header and tag. Bulk data blocks are far smaller (256 KiB)."""
 
 MAX_HANDSHAKE_BYTES = 4 * 1024 * 1024
+"""Largest M3 or M4: they carry the membership documents a node claims or hands out."""
+MAX_HELLO_BYTES = 128
+"""Largest M1: its shape is fixed ({protocol, e, n}: 94 bytes today), so anything bigger is
+refused before it is decoded; an unauthenticated dialer costs the responder next to nothing."""
+MAX_ACK_BYTES = 1024
+"""Largest M2: two 32-byte values and a sealed box of an ID, a signature and the observed
+address (at most MAX_OBSERVED_CHARS)."""
+MAX_OBSERVED_CHARS = 256
 KEY_BYTES = 32
 NONCE_BYTES = 32
 TAG_BYTES = 32  # AEGIS-256 tag
@@ -461,7 +469,7 @@ class Session:
         box = {
             "id": self.identity.public_key,
             "sig": self.identity.sign(self._signed_by_responder()),
-            "observed": observed_address,
+            "observed": observed_address if len(observed_address) <= MAX_OBSERVED_CHARS else "",
         }
         return encode({"e": self._e_public, "n": self._nonce, "box": self._send.seal(encode(box))})
 
@@ -548,7 +556,7 @@ class Session:
 
     def _receive_hello(self, data: bytes) -> Event:
         self._step("recv_hello")
-        m1 = _decode_map(data, "M1")
+        m1 = _decode_map(data, "M1", MAX_HELLO_BYTES)
         if m1.get("protocol") != PROTOCOL:
             raise _bad(
                 f"peer speaks {m1.get('protocol')!r}, this node speaks {PROTOCOL!r}",
@@ -560,7 +568,7 @@ class Session:
 
     def _receive_ack(self, data: bytes) -> Event:
         self._step("recv_ack")
-        m2 = _decode_map(data, "M2")
+        m2 = _decode_map(data, "M2", MAX_ACK_BYTES)
         self._derive(_bytes(m2, "e"), _bytes(m2, "n"), self._m1)
         assert self._recv is not None
         box = _decode_map(self._recv.open(_bytes(m2, "box")), "M2 box")
@@ -575,7 +583,9 @@ class Session:
             )
         self.peer_id = peer_id
         observed = box.get("observed", "")
-        return ResponderIdentified(peer_id, observed if isinstance(observed, str) else "")
+        if not isinstance(observed, str) or len(observed) > MAX_OBSERVED_CHARS:
+            observed = ""
+        return ResponderIdentified(peer_id, observed)
 
     def _receive_identity(self, data: bytes) -> Event:
         self._step("recv_identity")
@@ -628,8 +638,12 @@ class Session:
         return Welcomed(admission)
 
 
-def _decode_map(data: bytes | memoryview, what: str) -> dict[str, Any]:
-    value = decode(data, max_bytes=MAX_HANDSHAKE_BYTES)
+def _decode_map(
+    data: bytes | memoryview, what: str, max_bytes: int = MAX_HANDSHAKE_BYTES
+) -> dict[str, Any]:
+    if len(data) > max_bytes:
+        raise _bad(f"{what} of {len(data)} bytes exceeds {max_bytes}", CloseCode.MESSAGE_TOO_BIG)
+    value = decode(data, max_bytes=max_bytes)
     if not isinstance(value, dict):
         raise _bad(f"{what} is not a CBOR map")
     return value

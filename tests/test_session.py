@@ -248,3 +248,27 @@ def test_a_frame_shorter_than_its_tag_fails_authentication(size: int) -> None:
     with pytest.raises(RemoteProtocolError, match="failed authentication"):
         r.receive(os.urandom(size))
     assert r.state is State.CLOSED
+
+
+def test_m1_and_m2_are_bounded_to_their_fixed_shapes_before_decoding() -> None:
+    i, r = pair()
+    hello = i.send_hello()
+    assert len(hello) <= session_module.MAX_HELLO_BYTES
+    padded = session_module.encode(
+        {"protocol": session_module.PROTOCOL, "e": b"e" * 32, "n": b"n" * 32, "pad": b"x" * 64}
+    )
+    with pytest.raises(RemoteProtocolError) as info:
+        r.receive(padded)
+    assert info.value.close_code is CloseCode.MESSAGE_TOO_BIG
+    assert "M1 of" in str(info.value)
+    i, r = pair()
+    r.receive(i.send_hello())
+    ack = r.send_ack("ws://" + "h" * 1000 + ":1")  # an address past the bound is left out
+    assert len(ack) <= session_module.MAX_ACK_BYTES
+    event = i.receive(ack)
+    assert event == ResponderIdentified(BOB.id, "")
+    i, r = pair()
+    r.receive(i.send_hello())
+    with pytest.raises(RemoteProtocolError) as info:
+        i.receive(b"\xa0" + b"\x00" * session_module.MAX_ACK_BYTES)
+    assert info.value.close_code is CloseCode.MESSAGE_TOO_BIG
