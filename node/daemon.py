@@ -299,7 +299,7 @@ class Node:
                 docs=tuple(d.to_wire() for d in docs),
                 addresses=tuple(self.addresses),
             )
-        await self._accept_claimed_docs(claim.docs)
+        await self._accept_claimed_docs(claim.docs, concerning=peer)
         channels = self.membership.shared_channels(peer, among=claim.channels)
         if not channels:
             news = self._removal_news(peer, claim)
@@ -345,14 +345,32 @@ class Node:
                     break
         return news
 
-    async def _accept_claimed_docs(self, wire_docs: tuple[dict[str, Any], ...]) -> None:
+    async def _accept_claimed_docs(
+        self, wire_docs: tuple[dict[str, Any], ...], *, concerning: str | None = None
+    ) -> None:
+        """Take the documents a peer shows in its handshake, for channels this node is in.
+
+        A dialer's documents are taken before it is admitted (it may have joined through an
+        admin this node has not heard from since), but only a channel's documents whose newest
+        lists the dialer (``concerning``) as a member: a stranger's documents change nothing.
+        The usual rules then apply (signatures, authority, a removal stands)."""
+        by_channel: dict[str, list[SignedDoc]] = {}
         for wire in wire_docs:
             try:
-                channel = wire_channel(wire)
-                if self.membership.has(channel):
-                    await self.membership.accept_docs(channel, [wire])
+                signed = SignedDoc.from_wire(wire)
             except KacheryError as exc:
                 log.debug("ignored a document offered in a handshake: %s", exc)
+                continue
+            if self.membership.has(signed.doc.channel_id):
+                by_channel.setdefault(signed.doc.channel_id, []).append(signed)
+        for channel, docs in by_channel.items():
+            newest = max(docs, key=lambda d: d.doc.version)
+            if concerning is not None and newest.doc.member(concerning) is None:
+                continue
+            try:
+                await self.membership.accept_signed(channel, docs)
+            except KacheryError as exc:
+                log.debug("ignored documents offered in a handshake: %s", exc)
 
     def _current_docs(self, channels: set[str]) -> list[dict[str, Any]]:
         docs = []
@@ -866,13 +884,6 @@ class Node:
     async def shutdown(self) -> dict[str, Any]:
         self.shutdown_requested.set()
         return {"stopping": True}
-
-
-def wire_channel(wire: dict[str, Any]) -> str:
-    """The channel ID a wire-form document is for (checked again when it is accepted)."""
-    from kachery.protocol.channel import SignedDoc
-
-    return SignedDoc.from_wire(wire).doc.channel_id
 
 
 def default_addresses(host: str, port: int) -> list[str]:

@@ -157,12 +157,17 @@ class Membership:
         Raises:
             RemoteProtocolError: a document is malformed, forged, or signed without authority.
         """
+        if channel_id not in self._histories:
+            return Accepted.KNOWN
+        return await self.accept_signed(channel_id, [SignedDoc.from_wire(d) for d in wire_docs])
+
+    async def accept_signed(self, channel_id: str, docs: Iterable[SignedDoc]) -> Accepted:
+        """``accept_docs`` for documents already parsed (their signatures checked)."""
         history = self._histories.get(channel_id)
         if history is None:
             return Accepted.KNOWN
-        parsed = sorted((SignedDoc.from_wire(d) for d in wire_docs), key=lambda d: d.doc.version)
         result = Accepted.KNOWN
-        for signed in parsed:
+        for signed in sorted(docs, key=lambda d: d.doc.version):
             outcome = history.accept(signed)
             if outcome is Accepted.NEW:
                 result = Accepted.NEW

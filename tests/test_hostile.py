@@ -24,6 +24,7 @@ import trio.lowlevel
 from kachery.node.daemon import Node
 from kachery.node.peer import HandshakeFailed, handshake_as_initiator
 from kachery.node.transport import Link, LinkClosed, dial
+from kachery.protocol.channel import Member
 from kachery.protocol.codec import encode
 from kachery.protocol.files import CancelData, FindFile, FindFileResponse
 from kachery.protocol.identity import KeyPair
@@ -166,6 +167,45 @@ async def test_unauthentic_and_replayed_frames_end_only_that_session(tmp_path: P
                 await link.send(frame if attempt % 2 else os.urandom(100))
                 await closed_by_peer(link)
         await honest_load(victim, member, tmp_path)
+
+
+async def test_documents_shown_by_a_stranger_in_its_handshake_change_nothing(
+    tmp_path: Path,
+) -> None:
+    """A valid newer document that does not list the dialer is not taken from it (nor checked);
+    one that lists it is (it joined through an admin the victim has not heard from)."""
+    async with swarm(tmp_path) as s:
+        owner, victim = await channel_of(s, ["owner", "victim"])
+        channel = next(iter(victim.membership.active_channels()))
+        current = victim.membership.current(channel)
+        assert current is not None
+        version = current.doc.version
+        stranger, newcomer = KeyPair(os.urandom(32)), KeyPair(os.urandom(32))
+        other = Member(node_id=KeyPair(os.urandom(32)).id, label="other", roles=frozenset())
+        newer = current.doc.with_member(other, issued_at=current.doc.issued_at + 1)
+        shown = (newer.sign(owner.key).to_wire(),)
+        with pytest.raises(HandshakeFailed, match="not a member"):
+            async with dial(victim.addresses[0]) as link:
+                await handshake_as_initiator(
+                    link,
+                    stranger,
+                    expected_peer=victim.node_id,
+                    make_claim=lambda _s, _i: Claim(channels=(channel,), docs=shown),
+                )
+        assert victim.membership.history(channel).version == version
+        joined = Member(node_id=newcomer.id, label="newcomer", roles=frozenset())
+        admitting = current.doc.with_member(joined, issued_at=current.doc.issued_at + 1)
+        async with dial(victim.addresses[0]) as link:
+            await handshake_as_initiator(
+                link,
+                newcomer,
+                expected_peer=victim.node_id,
+                make_claim=lambda _s, _i: Claim(
+                    channels=(channel,), docs=(admitting.sign(owner.key).to_wire(),)
+                ),
+            )
+        assert victim.membership.history(channel).version == version + 1
+        await honest_load(victim, owner, tmp_path)
 
 
 async def test_a_reply_of_another_type_ends_the_session_not_the_node(tmp_path: Path) -> None:
