@@ -52,6 +52,7 @@ from kachery.protocol.session import (
     Side,
     State,
     Welcomed,
+    message_plaintext,
 )
 
 from .errors import LinkClosed, NodeError, NotPermitted, Unavailable
@@ -76,7 +77,13 @@ recovers what is lost (heads are announced again, ranges are pulled), and a peer
 cannot make this node hold one task per message."""
 
 CONTROL_QUEUE = 256
-"""Control messages waiting to be sent (small: gossip, requests, replies)."""
+"""Control messages waiting to be sent (gossip, requests, replies)."""
+
+CONTROL_QUEUE_BYTES = 16 * 1024 * 1024
+"""Bytes of control messages waiting to be sent to one peer. A reply waits for room, keeping its
+request's slot, so a peer that asks and does not read stops being answered at this bound. A
+one-way message or a request finding twice this much queued ends the session instead (the peer
+is not reading): gossip to every peer must not wait on one slow peer."""
 
 BULK_QUEUE = 4
 """Bulk data frames waiting to be sent: a bulk sender waits when the writer falls behind."""
@@ -271,7 +278,9 @@ class PeerConnection:
         self.close_reason = ""
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
-        self._control_send, self._control_recv = trio.open_memory_channel[Message](CONTROL_QUEUE)
+        self._control_send, self._control_recv = trio.open_memory_channel[bytes](CONTROL_QUEUE)
+        self._queued_bytes = 0
+        self._room = trio.lowlevel.ParkingLot()
         self._bulk_send, self._bulk_recv = trio.open_memory_channel[
             tuple[int, int, DataBlock | bytes | memoryview] | Message
         ](BULK_QUEUE)
@@ -396,21 +405,23 @@ class PeerConnection:
         nursery.start_soon(self._handle_request, msg, request_id)
 
     async def _handle_request(self, msg: Message, request_id: int) -> None:
+        """Answer one request; its slot is held until the reply is queued (backpressure)."""
         try:
-            reply = await self.handlers.handle_request(self, msg)
-        except KacheryError as exc:
-            reply = ErrorReply(id=request_id, code=error_code_of(exc), message=str(exc))
-        except Exception:
-            log.exception("error handling %s from %s", type(msg).__name__, self.node_id[:16])
-            reply = ErrorReply(id=request_id, code=ErrorCode.INTERNAL, message="internal error")
+            try:
+                reply = await self.handlers.handle_request(self, msg)
+            except KacheryError as exc:
+                reply = ErrorReply(id=request_id, code=error_code_of(exc), message=str(exc))
+            except Exception:
+                log.exception("error handling %s from %s", type(msg).__name__, self.node_id[:16])
+                reply = ErrorReply(id=request_id, code=ErrorCode.INTERNAL, message="internal error")
+            if reply.AFTER_DATA:
+                with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                    await self._bulk_send.send(reply)
+                self._work.set()
+            else:
+                await self._queue_reply(reply)
         finally:
             self._busy.release()
-        if reply.AFTER_DATA:
-            with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-                await self._bulk_send.send(reply)
-            self._work.set()
-        else:
-            self._queue_control(reply)
 
     async def _handle_message(self, msg: Message) -> None:
         try:
@@ -427,11 +438,13 @@ class PeerConnection:
     async def _write_frames(self) -> None:
         while True:
             try:
-                msg = self._control_recv.receive_nowait()
+                plaintext = self._control_recv.receive_nowait()
             except trio.WouldBlock:
                 pass
             else:
-                await self._send_frame(self._seal_message(msg))
+                self._queued_bytes -= len(plaintext)
+                self._room.unpark_all()
+                await self._send_frame(self._seal(self.session.send_plaintext, plaintext))
                 continue
             if self._closing:  # every control message queued before the close has gone out
                 self._flushed.set()
@@ -491,15 +504,35 @@ class PeerConnection:
     # -- sending -------------------------------------------------------------------------------
 
     def _queue_control(self, msg: Message) -> None:
+        """Queue ``msg`` now; a peer that lets twice CONTROL_QUEUE_BYTES (or CONTROL_QUEUE
+        messages) pile up is not reading, and its session ends (dropping would lose replies)."""
+        plaintext = message_plaintext(msg)
+        if self._queued_bytes and self._queued_bytes + len(plaintext) > 2 * CONTROL_QUEUE_BYTES:
+            self._end(CloseCode.GOING_AWAY, f"peer is not reading ({self._queued_bytes} B queued)")
+            return
         try:
-            self._control_send.send_nowait(msg)
+            self._control_send.send_nowait(plaintext)
         except trio.WouldBlock:
-            # The peer is not reading; it will hit the keepalive. Dropping would lose replies.
-            self.close_code, self.close_reason = CloseCode.GOING_AWAY, "peer is not reading"
-            self._cancel.cancel()
+            self._end(CloseCode.GOING_AWAY, f"peer is not reading ({CONTROL_QUEUE} queued)")
+            return
         except trio.ClosedResourceError:
             return
+        self._queued_bytes += len(plaintext)
         self._work.set()
+
+    async def _queue_reply(self, reply: Message) -> None:
+        """Queue a reply once the control queue has room for it (see CONTROL_QUEUE_BYTES)."""
+        size = len(message_plaintext(reply))
+        with trio.move_on_after(REQUEST_TIMEOUT) as waited:
+            while self._queued_bytes and (
+                self._queued_bytes + size > CONTROL_QUEUE_BYTES
+                or self._control_send.statistics().current_buffer_used >= CONTROL_QUEUE
+            ):
+                await self._room.park()
+        if waited.cancelled_caught:
+            self._end(CloseCode.GOING_AWAY, "peer is not reading (a reply waited for room)")
+            return
+        self._queue_control(reply)
 
     async def send(self, msg: Message) -> None:
         """Send a one-way message (queued ahead of bulk data)."""
@@ -560,6 +593,7 @@ class PeerConnection:
             "bytesReceived": self.bytes_received,
             "pendingRequests": len(self._pending),
             "messagesDropped": self.messages_dropped,
+            "controlQueuedBytes": self._queued_bytes,
         }
 
 

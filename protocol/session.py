@@ -496,9 +496,14 @@ class Session:
 
     def send_message(self, msg: Message) -> bytes:
         """One encrypted frame carrying ``msg``."""
+        return self.send_plaintext(message_plaintext(msg))
+
+    def send_plaintext(self, plaintext: bytes) -> bytes:
+        """One encrypted frame carrying a ``message_plaintext`` encoded earlier (a sender that
+        queues messages encodes them as it queues them, so that it knows their size)."""
         self._step("send_frame")
         assert self._send is not None
-        return self._send.seal(bytes([KIND_MESSAGE]) + encode_message(msg))
+        return self._send.seal(plaintext)
 
     def send_data(
         self, stream: int, offset: int, payload: DataBlock | bytes | bytearray | memoryview
@@ -636,6 +641,11 @@ class Session:
         except (TypeError, ValueError) as exc:
             raise _bad(f"malformed M4: {exc}") from None
         return Welcomed(admission)
+
+
+def message_plaintext(msg: Message) -> bytes:
+    """The plaintext of the frame carrying ``msg``: its kind byte, then the message's CBOR."""
+    return bytes([KIND_MESSAGE]) + encode_message(msg)
 
 
 def _decode_map(
