@@ -14,6 +14,7 @@ Non-goal: anything networked; the daemon builds on this.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -222,12 +223,38 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def _write_key(path: Path, seed: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    """Write a key file whole or not at all: a half-written key (a full disk) would stand in for
+    the key for ever. A key already kept under that name stays as it is.
+
+    Raises:
+        StoreFull: no space left for it.
+        NodeError: it cannot be written for another reason.
+    """
+    from kachery.storage import StoreFull
+    from kachery.storage.errors import is_no_space
+
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        os.write(fd, (seed.hex() + "\n").encode("ascii"))
-        os.fsync(fd)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            data = (seed.hex() + "\n").encode("ascii")
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(partial, path)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        if is_no_space(exc):
+            raise StoreFull(
+                f"no space left on the device to keep a key in {path.parent}: free space, retry"
+            ) from None
+        raise NodeError(f"cannot keep a key in {path}: {exc.strerror or exc}") from None
     finally:
-        os.close(fd)
+        partial.unlink(missing_ok=True)
 
 
 def _read_key(path: Path) -> bytes:

@@ -18,7 +18,7 @@ from sqlalchemy import Connection, Engine, event, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import schema
-from .errors import DatabaseError
+from .errors import DatabaseError, StorageError, StoreFull, is_no_space
 
 BUSY_TIMEOUT_MS = 30_000
 """How long a writer waits for another process (the CLI beside the daemon) to finish writing."""
@@ -48,7 +48,7 @@ class Database:
             if self._version() != schema.SCHEMA_VERSION:
                 self._migrate_atomically()
         except SQLAlchemyError as exc:
-            raise DatabaseError(f"cannot open database {url}: {exc}") from exc
+            raise translate(exc, f"cannot open database {url}") from exc
 
     def _version(self) -> int | None:
         """The schema version the database has (None: no schema yet); a read, no lock taken."""
@@ -98,10 +98,22 @@ class Database:
             with self.engine.begin() as conn:
                 yield conn
         except SQLAlchemyError as exc:
-            raise DatabaseError(f"database error: {exc}") from exc
+            raise translate(exc) from exc
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def translate(exc: BaseException, what: str = "database error") -> StorageError:
+    """The one-line error for a failed database call: StoreFull when the disk (or quota) is full,
+    else DatabaseError with the driver's own message (not SQLAlchemy's SQL and links)."""
+    orig = getattr(exc, "orig", None) or exc
+    text = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    if (isinstance(orig, OSError) and is_no_space(orig)) or any(
+        sign in text.lower() for sign in ("disk is full", "no space left", "disk full")
+    ):
+        return StoreFull(f"the disk holding the database is full ({text}): free space, retry")
+    return DatabaseError(f"{what}: {text}")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

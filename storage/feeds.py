@@ -40,8 +40,8 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from kachery.protocol.feeds import Checkpoint
 
 from . import schema
-from .db import BUSY_TIMEOUT_MS, Database
-from .errors import AlreadyExists, DatabaseError, NotFound
+from .db import BUSY_TIMEOUT_MS, Database, translate
+from .errors import AlreadyExists, DatabaseError, NotFound, StorageError
 from .schema import MESSAGE_NUMBER_BITS
 
 MAX_READ_MESSAGES = 10_000
@@ -282,6 +282,14 @@ class FeedStore:
             key = result.inserted_primary_key
             assert key is not None
             return int(key[0])
+
+    def empty_subfeeds(self, feed_id: str) -> int:
+        """How many of the feed's subfeeds hold no message yet."""
+        sub, msg = schema.subfeeds, schema.feed_messages
+        holds = select(msg.c.msg_key).where(*_of_subfeed(msg.c.msg_key, sub.c.sf)).exists()
+        query = select(func.count()).select_from(sub).where(sub.c.feed_id == feed_id, ~holds)
+        with self.db.begin() as conn:
+            return int(conn.execute(query).scalar_one())
 
     def subfeeds(self, feed_id: str | None = None) -> list[SubfeedRecord]:
         """Subfeeds held here (of one feed, or all), with their counts."""
@@ -652,7 +660,7 @@ class FeedStore:
                     self._writer.commit()
                 self._writer_waits = True
             except SQLAlchemyError as exc:
-                raise DatabaseError(f"cannot open the feed database connection: {exc}") from exc
+                raise translate(exc, "cannot open the feed database connection") from exc
         return self._writer
 
     def checkpoint_wal(self) -> None:
@@ -668,13 +676,13 @@ class FeedStore:
             self._writer = self._raw_writer = None
 
 
-def _translate(exc: Exception) -> DatabaseError:
+def _translate(exc: Exception) -> StorageError:
     text = str(getattr(exc, "orig", None) or exc)
     if "is locked" in text:
         return WriteBusy("another writer holds the database")
     if "UNIQUE constraint failed" in text:
         return DatabaseError(f"feed write refused: that row is already stored ({text})")
-    return DatabaseError(f"feed database error: {text}")
+    return translate(exc, "feed database error")
 
 
 def _feed(row: Any) -> FeedRecord:
