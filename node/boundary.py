@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import trio
@@ -81,6 +81,32 @@ class PeerFaults:
             "peerConnectionsLost": self.network,
             "peerFaultKinds": dict(self.kinds),
         }
+
+
+class PerPeerSlots:
+    """At most ``limit`` holders at once for each peer. A peer's semaphore exists only while
+    someone holds or waits for it, so the map is bounded by the work in flight, not by how many
+    peers ever came by."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._slots: dict[str, trio.Semaphore] = {}
+
+    @asynccontextmanager
+    async def hold(self, peer: str) -> AsyncIterator[None]:
+        slot = self._slots.get(peer)
+        if slot is None:
+            slot = self._slots[peer] = trio.Semaphore(self.limit)
+        try:
+            async with slot:
+                yield
+        finally:
+            # a release hands the slot to a waiter directly: full again means nobody is left
+            if slot.value == self.limit and self._slots.get(peer) is slot:
+                del self._slots[peer]
+
+    def __len__(self) -> int:
+        return len(self._slots)
 
 
 def _short(peer: str) -> str:

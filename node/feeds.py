@@ -107,6 +107,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_EMPTY_SUBFEEDS = 10_000
+"""Subfeeds of an owned feed that peers may name before anything is written to them (each is a
+row, kept so that its subscribers hear of its first message); beyond it a peer's subscription to
+an unwritten subfeed is answered not found."""
+
 T = TypeVar("T")
 
 RECENT_MESSAGES = 4096
@@ -384,13 +389,15 @@ class FeedService:
         )
 
     async def _load(
-        self, ref: SubfeedRef, *, create: bool, name: str | None = None
+        self, ref: SubfeedRef, *, create: bool, name: str | None = None, by_peer: bool = False
     ) -> LiveSubfeed | None:
         """The live state of a subfeed (loaded from storage on first use).
 
         Args:
             create: record the subfeed (and its feed, as followed) if it is not known here.
+                A subfeed of an owned feed is recorded in any case.
             name: the subfeed's name, if known.
+            by_peer: a peer named the subfeed (see MAX_EMPTY_SUBFEEDS).
 
         Returns:
             None if the feed is not known here and ``create`` is False.
@@ -409,13 +416,22 @@ class FeedService:
                 if not create:
                     return None
                 await run(functools.partial(self.store.add_feed, ref.feed_id, owned=False))
-            # A peer may ask for any subfeed hash: rows are created for it only in owned feeds.
-            make = create or (feed is not None and feed.owned)
-            sf = await run(
-                functools.partial(
-                    self.store.subfeed, ref.feed_id, ref.subfeed_hash, create=make, name=name
-                )
+            subfeed = functools.partial(
+                self.store.subfeed, ref.feed_id, ref.subfeed_hash, name=name
             )
+            sf = await run(functools.partial(subfeed, create=create))
+            # A peer may name any subfeed hash: rows are made for it only in owned feeds (so a
+            # subscriber can wait for a subfeed not written yet), and only MAX_EMPTY_SUBFEEDS.
+            if (
+                sf is None
+                and feed is not None
+                and feed.owned
+                and (
+                    not by_peer
+                    or await run(self.store.empty_subfeeds, ref.feed_id) < MAX_EMPTY_SUBFEEDS
+                )
+            ):
+                sf = await run(functools.partial(subfeed, create=True))
             if sf is None:
                 return None
             stored = await run(self.store.head, sf)
@@ -438,7 +454,7 @@ class FeedService:
         live = self._live.get((ref.feed_id, ref.subfeed_hash))
         if live is not None:
             return live
-        return await self._load(ref, create=False)
+        return await self._load(ref, create=False, by_peer=True)
 
     # -- writing -------------------------------------------------------------------------------
 

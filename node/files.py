@@ -64,6 +64,7 @@ from kachery.storage.errors import NotFound, StorageError, StoreFull, is_no_spac
 from kachery.storage.files import FileEntry
 
 from .api import StreamResult, exposed
+from .boundary import PerPeerSlots
 from .errors import NotPermitted, Unavailable, lone_error
 from .peer import PeerConnection, RequestFailed
 from .progress import format_bytes
@@ -90,6 +91,9 @@ FIND_WAIT = 10.0
 
 FIND_CACHE_SECONDS = 10.0
 """How long answers to FindFile are reused."""
+
+MAX_FIND_CACHE = 4096
+"""Finds cached at once (the oldest go first beyond it)."""
 
 STALL_SECONDS = 30.0
 """A piece request that receives nothing for this long is abandoned (the provider stalled)."""
@@ -178,7 +182,7 @@ class FileService:
         self.files = node.home.files
         self.downloads = node.home.downloads
         self._uploads = trio.Semaphore(MAX_UPLOADS)
-        self._uploads_per_peer: dict[str, trio.Semaphore] = {}
+        self._uploads_per_peer = PerPeerSlots(MAX_UPLOADS_PER_PEER)
         self._serving: set[tuple[str, int]] = set()
         """Streams being served now (bounded by MAX_UPLOADS_PER_PEER waiting per request)."""
         self._cancelled: set[tuple[str, int]] = set()
@@ -228,13 +232,10 @@ class FileService:
             raise NotFound(f"sha1://{msg.sha1} is not stored on this node")
         if msg.end > entry.size:
             raise InvalidInput(f"range end {msg.end} is past the file's {entry.size} bytes")
-        per_peer = self._uploads_per_peer.setdefault(
-            conn.node_id, trio.Semaphore(MAX_UPLOADS_PER_PEER)
-        )
         key = (conn.node_id, msg.stream)
         sent = 0
         self._serving.add(key)
-        async with self._uploads, per_peer:
+        async with self._uploads, self._uploads_per_peer.hold(conn.node_id):
             fd = await trio.to_thread.run_sync(os.open, entry.path, os.O_RDONLY)
             try:
                 position = msg.start
@@ -311,11 +312,22 @@ class FileService:
                     await self.node.wait_until(lambda: bool(set(self._candidates()) - asked))
                     found = await self._ask_all(sha1)
             if found:  # "nobody has it" is never cached: a provider may connect any moment
-                self._find_cache[sha1] = (time.monotonic(), found)
+                self._remember_find(sha1, found)
         if only is not None:
             found = [p for p in found if p.node_id == only]
         banned = self.penalties.banned_peers(trio.current_time())
         return [p for p in found if p.node_id not in banned]
+
+    def _remember_find(self, sha1: str, found: list[Provider]) -> None:
+        """Cache a find; expired entries go first, then the oldest beyond MAX_FIND_CACHE."""
+        now = time.monotonic()
+        cache = self._find_cache
+        cache.pop(sha1, None)
+        cache[sha1] = (now, found)  # insertion order is age order
+        while (
+            len(cache) > MAX_FIND_CACHE or now - next(iter(cache.values()))[0] > FIND_CACHE_SECONDS
+        ):
+            del cache[next(iter(cache))]
 
     def _candidates(self) -> list[str]:
         return [n for n, conn in self.node.connections.items() if self._asking_channels(conn)]

@@ -58,6 +58,7 @@ from kachery.protocol.messages import ErrorCode, Message, MsgType
 from kachery.protocol.tasks import (
     INLINE_RESULT_BYTES,
     MAX_UPDATES_PER_MESSAGE,
+    MAX_WAITING_PER_REQUESTER,
     Candidate,
     Job,
     JobBook,
@@ -88,6 +89,7 @@ from kachery.storage.errors import NotFound
 from kachery.storage.tasks import TaskResult, TaskStore
 
 from .api import StreamResult, exposed
+from .boundary import PerPeerSlots
 from .errors import NotPermitted, Unavailable
 from .files import FileService
 from .peer import PeerConnection, RequestFailed
@@ -371,7 +373,7 @@ class TaskService:
         self._serials: dict[PeerConnection, int] = {}
         self._next_serial = 1
         self._providers_changed = trio.Event()
-        self._peer_slots: dict[str, trio.Semaphore] = {}
+        self._peer_slots = PerPeerSlots(REQUESTS_PER_PEER)
         self._fetches = trio.Semaphore(FETCHES_AT_ONCE)
         self._held_keys: set[tuple[str, str, str]] | None = None
         """Results recorded here (None until loaded): most lookups are for tasks never
@@ -457,6 +459,11 @@ class TaskService:
 
     async def _on_task_request(self, conn: PeerConnection, msg: TaskRequest) -> Message:
         self._require_provide(msg.channel)
+        if self.book.waiting[conn.node_id] >= MAX_WAITING_PER_REQUESTER:
+            raise Unavailable(
+                f"{MAX_WAITING_PER_REQUESTER} requests of node {conn.node_id[:16]}... are waiting"
+                " on tasks here already; retry when some have ended"
+            )
         spec = TaskSpec.create(
             msg.function_id,
             msg.kwargs,
@@ -1424,12 +1431,6 @@ class TaskService:
             f" (members serve: {shown})" if known else " (no member serves any task function)"
         )
 
-    def _peer_slot(self, node_id: str) -> trio.Semaphore:
-        slot = self._peer_slots.get(node_id)
-        if slot is None:
-            slot = self._peer_slots[node_id] = trio.Semaphore(REQUESTS_PER_PEER)
-        return slot
-
     async def _attempt(self, req: _Request, chosen: Candidate) -> str | None:
         """Ask one provider and follow it; None when the request ended, else why it did not."""
         spec = req.spec
@@ -1455,7 +1456,7 @@ class TaskService:
                     task_id=spec.task_id,
                     kwargs=spec.kwargs,
                 )
-                async with self._peer_slot(chosen.node_id):
+                async with self._peer_slots.hold(chosen.node_id):
                     reply = await conn.request(request)
                 reply = cast(TaskRequestResponse, reply)  # request() checked it
                 update, lease_ms = reply.update(spec.request_id), reply.lease_ms
@@ -1632,7 +1633,7 @@ class TaskService:
                 task_type=str(spec.task_type),
             )
             try:
-                async with self._peer_slot(conn.node_id):
+                async with self._peer_slots.hold(conn.node_id):
                     reply = await conn.request(msg, reply_timeout=LOOKUP_SECONDS)
             except KacheryError as exc:
                 log.debug("TaskLookup to %s...: %s", conn.node_id[:16], exc)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -79,6 +79,10 @@ def is_inline_result(data: bytes, sha1: str) -> bool:
 
 MAX_ANNOUNCED_FUNCTIONS = 1000
 """Functions one node may announce in a channel."""
+
+MAX_WAITING_PER_REQUESTER = 1000
+"""Requests one requester may have waiting on a provider's jobs at once; more are answered busy
+(a member cannot make a provider hold an unbounded book of jobs)."""
 
 MAX_LEASE_MS = 3_600_000
 """Longest lease a provider may grant itself (an hour): beyond it a dead provider stalls users."""
@@ -786,6 +790,8 @@ class JobBook:
         self.queue: deque[str] = deque()
         self.generation = 0
         """Changes whenever a backend comes or goes (announced to requesters)."""
+        self.waiting: Counter[str] = Counter()
+        """Requests each requester has waiting on jobs here (see MAX_WAITING_PER_REQUESTER)."""
         self._serial = 0
 
     # -- backends ------------------------------------------------------------------------------
@@ -872,14 +878,22 @@ class JobBook:
             job = Job(job_id=f"j{self._serial}", spec=spec)
             self.jobs[job.job_id] = job
             self.by_key[spec.job_key] = job
+        if (waiter.node_id, waiter.request_id) not in job.waiters:
+            self.waiting[waiter.node_id] += 1
         job.waiters[(waiter.node_id, waiter.request_id)] = waiter
         return job, created
+
+    def _forget_waiter(self, node_id: str) -> None:
+        self.waiting[node_id] -= 1
+        if self.waiting[node_id] <= 0:
+            del self.waiting[node_id]
 
     def leave(self, node_id: str, request_id: str) -> Job | None:
         """A waiter withdrew. A query nobody waits for any more is dropped if not started
         (returned); every other job runs on."""
         for job in self.jobs.values():
             if job.waiters.pop((node_id, request_id), None) is not None:
+                self._forget_waiter(node_id)
                 if (
                     not job.waiters
                     and job.spec.task_type is TaskType.QUERY
@@ -962,7 +976,9 @@ class JobBook:
         return job
 
     def _drop(self, job: Job) -> None:
-        self.jobs.pop(job.job_id, None)
+        if self.jobs.pop(job.job_id, None) is not None:
+            for node_id, _ in job.waiters:
+                self._forget_waiter(node_id)
         if self.by_key.get(job.spec.job_key) is job:
             del self.by_key[job.spec.job_key]
         if job.backend is not None:

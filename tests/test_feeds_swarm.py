@@ -19,11 +19,11 @@ import kachery.node.feeds as feeds_module
 from kachery.node.daemon import Node
 from kachery.node.errors import NotPermitted
 from kachery.node.feeds import FeedService
-from kachery.node.peer import Refusal
+from kachery.node.peer import Refusal, RequestFailed
 from kachery.node.transport import DialError
 from kachery.protocol.codec import encode
 from kachery.protocol.errors import CloseCode, InvalidInput
-from kachery.protocol.feed_messages import FeedGet, FeedPush
+from kachery.protocol.feed_messages import FeedGet, FeedPush, FeedSubscribe
 from kachery.protocol.feeds import (
     CHECKPOINT_EVERY_MESSAGES,
     MAX_BODY_BYTES,
@@ -739,3 +739,30 @@ async def test_a_late_joiner_catches_up_100k_messages_then_follows_live(tmp_path
             await has(late, ref, n + 1)
         read = await feeds(late).feed_read(uri, start=99_998, limit=4)
         assert [m["message"]["n"] for m in read["messages"]] == [99_998, 99_999, 100_000, 100_001]
+
+
+async def test_a_peer_naming_unwritten_subfeeds_makes_at_most_max_empty_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(feeds_module, "MAX_EMPTY_SUBFEEDS", 3)
+    async with swarm(tmp_path) as s:
+        owner, a, _b, channel = await lab(s)
+        ref, uri = await notebook(owner)
+        await connected(a, owner)
+        conn = a.connections[owner.node_id]
+        answers = []
+        for i in range(6):
+            msg = FeedSubscribe(
+                id=0, channel=channel, feed_id=ref.feed_id, subfeed_hash=f"{i:040x}", count=0
+            )
+            try:
+                await conn.request(msg)
+                answers.append("followed")
+            except RequestFailed as exc:
+                answers.append(exc.code)
+        assert answers == ["followed"] * 3 + ["not-found"] * 3
+        store = feeds(owner).store
+        assert await owner.run_sync(store.empty_subfeeds, ref.feed_id) == 3
+        # the owner itself still writes to new subfeeds
+        await feeds(owner).feed_append(uri, ["first"])
+        await feeds(owner).feed_append(f"feed://{ref.feed_id}/other", ["second"])

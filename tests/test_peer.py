@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from kachery.node.boundary import PeerFaults
+from kachery.node.boundary import PeerFaults, PerPeerSlots
 from kachery.node.peer import (
     CONTROL_QUEUE_BYTES,
     PeerConnection,
@@ -228,3 +228,31 @@ async def test_a_fault_in_the_link_ends_that_session_only(
             await victim.send(DocAnnounce(channel=CHANNEL, version=2))
         await contained(faults)
         assert victim.closed.is_set()
+
+
+async def test_per_peer_slots_are_kept_only_while_held() -> None:
+    slots = PerPeerSlots(2)
+    inside = 0
+    most = 0
+
+    async def hold(peer: str) -> None:
+        nonlocal inside, most
+        async with slots.hold(peer):
+            inside += 1
+            most = max(most, inside)
+            await trio.sleep(0.01)
+            inside -= 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(6):
+            nursery.start_soon(hold, "one")
+        for i in range(100):
+            nursery.start_soon(hold, f"passer-by {i}")
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(slots) == 101
+    assert len(slots) == 0  # nothing is kept for peers that came by once
+    async with trio.open_nursery() as nursery:
+        inside = most = 0
+        for _ in range(6):
+            nursery.start_soon(hold, "one")
+    assert most == 2

@@ -260,6 +260,26 @@ def test_ten_requests_for_one_pure_calculation_are_one_job() -> None:
     assert book.by_key == {}
 
 
+def test_the_book_counts_each_requesters_waiting_requests_until_they_end() -> None:
+    book = book_with(("w1", {"f.v1": TaskType.QUERY}, 1))
+    for i in range(3):
+        job, _ = book.join(
+            spec(request_id=f"r{i}", task_type=TaskType.QUERY, kwargs={"i": i}),
+            Waiter(A, f"r{i}", C),
+        )
+        book.enqueue(job)
+    book.join(
+        spec(request_id="r0", task_type=TaskType.QUERY, kwargs={"i": 0}), Waiter(A, "r0", C)
+    )  # again: one request
+    book.join(spec(request_id="b0", task_type=TaskType.QUERY, kwargs={"i": 0}), Waiter(B, "b0", C))
+    assert book.waiting == {A: 3, B: 1}
+    assert book.leave(A, "r2") is not None  # a queued query nobody waits for is dropped
+    assert book.waiting == {A: 2, B: 1}
+    [(_, running)] = book.assign()
+    book.complete(running.job_id, TaskStatus.FINISHED, result_uri="sha1://" + "1" * 40)
+    assert book.waiting == {A: 1, B: 1}
+
+
 def test_jobs_wait_for_a_free_slot_of_a_worker_that_serves_them() -> None:
     book = book_with(("w1", {"f.v1": TaskType.QUERY}, 1), ("w2", {"g.v1": TaskType.QUERY}, 1))
     jobs = []
