@@ -265,10 +265,13 @@ async def test_a_member_lying_about_a_size_gets_no_honest_provider_penalised(
     tmp_path: Path,
 ) -> None:
     async with swarm(tmp_path) as s:
-        nodes = await channel_of(s, ["victim", "p1", "p2", "rogue"])
-        victim, p1, p2, rogue = nodes
+        names = ["m1", "m2", "m3"]
+        victim, *members = await channel_of(s, ["victim", *names])
+        # the liar is the member whose ID sorts first: the one a download used to believe
+        by_id = sorted(zip(members, names, strict=True), key=lambda m: m[0].node_id)
+        (rogue, rogue_name), (p1, _), (p2, _) = by_id
         rogue_key, channel = rogue.key, next(iter(victim.membership.active_channels()))
-        s.stop("rogue")
+        s.stop(rogue_name)
         await wait(victim, lambda: rogue.node_id not in victim.connections)
         data = os.urandom(500_000)
         source = tmp_path / "shared.bin"
