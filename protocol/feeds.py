@@ -726,7 +726,7 @@ def _decode_body(body: bytes, number: int, index: int) -> dict[str, Any]:
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise FeedRejected(f"message {number} has a malformed body: {exc}", index=index) from None
     if not isinstance(value, dict) or value.keys() != BODY_FIELDS:
-        keys = sorted(value) if isinstance(value, dict) else type(value).__name__
+        keys = sorted(map(str, value)) if isinstance(value, dict) else type(value).__name__
         raise FeedRejected(
             f"message {number}'s body has fields {keys}, not {sorted(BODY_FIELDS)}", index=index
         )

@@ -4,14 +4,32 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from kachery.node.home import HOME_ENV, NodeHome
 from kachery.node.testing import Daemon
+
+settings.register_profile(
+    "default",
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "long",
+    max_examples=20_000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("KACHERY_FUZZ", "default"))
+"""Property tests (the fuzzing in tests/test_fuzz_protocol.py) run a bounded budget by default;
+``KACHERY_FUZZ=long`` runs 20,000 examples per test."""
 
 VECTORS_DIR = Path(__file__).parent / "vectors"
 
