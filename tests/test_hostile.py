@@ -26,10 +26,19 @@ from kachery.node.peer import HandshakeFailed, handshake_as_initiator
 from kachery.node.transport import Link, LinkClosed, dial
 from kachery.protocol.channel import Member
 from kachery.protocol.codec import encode
+from kachery.protocol.feed_messages import FeedPrune
 from kachery.protocol.files import CancelData, FindFile, FindFileResponse
 from kachery.protocol.identity import KeyPair
-from kachery.protocol.messages import DocAnnounce, DocRequest, PeerListResponse
+from kachery.protocol.messages import (
+    DocAnnounce,
+    DocRequest,
+    ErrorCode,
+    ErrorReply,
+    MsgType,
+    PeerListResponse,
+)
 from kachery.protocol.session import PROTOCOL, Claim, MessageReceived, Session
+from kachery.protocol.tasks import TaskLookup
 
 from .swarm import WAIT, Swarm, channel_of, swarm, wait
 from .test_files import files_of, store_random
@@ -226,6 +235,45 @@ async def test_a_reply_of_another_type_ends_the_session_not_the_node(tmp_path: P
             closed = await closed_by_peer(link, session)
         assert "answered DocRequest with PeerListResponse" in closed.reason
         assert victim.faults.contained == before
+        await honest_load(victim, member, tmp_path)
+
+
+async def test_a_fault_injected_into_a_real_nodes_handlers_ends_only_that_session(
+    tmp_path: Path,
+) -> None:
+    """Handlers registered through the node's public registration raise: a request's fault is
+    answered as an internal error, a one-way message's ends that session, inside the boundary;
+    the node serves on (every kind of fault, and the link's, is in tests/test_peer.py)."""
+
+    async def boom(_conn: object, _msg: object) -> None:
+        raise RuntimeError("injected")
+
+    async with swarm(tmp_path) as s:
+        victim, member, rogue_key, channel = await victim_and_member(s)
+        victim.on_request(MsgType.TASK_LOOKUP, boom)  # type: ignore[arg-type]
+        victim.on_message(MsgType.FEED_PRUNE, boom)
+        before = victim.faults.contained
+        async with session_as(rogue_key, victim, channel) as (link, session):
+            lookup = TaskLookup(
+                id=7,
+                channel=channel,
+                task_id="1" * 40,
+                kwargs_digest="2" * 40,
+                task_type="pure-calculation",
+            )
+            await link.send(session.send_message(lookup))
+            with trio.fail_after(WAIT):
+                while True:
+                    event = session.receive(await link.receive())
+                    if isinstance(event, MessageReceived) and isinstance(event.message, ErrorReply):
+                        break
+            assert event.message.id == 7
+            assert event.message.code == ErrorCode.INTERNAL
+            prune = FeedPrune(channel=channel, feed_id="3" * 64, subfeed_hash="4" * 40)
+            await link.send(session.send_message(prune))
+            await closed_by_peer(link, session)
+        assert victim.faults.contained == before + 1
+        assert victim.faults.kinds["RuntimeError"] >= 1
         await honest_load(victim, member, tmp_path)
 
 
