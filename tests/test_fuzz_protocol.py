@@ -7,8 +7,9 @@ both arbitrary and derived from real values (a real message, document, invite, f
 handshake transcript) with bytes flipped, cut, inserted or fields replaced, so the checks past
 the outer framing are reached too.
 
-The default budget keeps the file to seconds; a long run:
-``KACHERY_FUZZ=long .venv/bin/python -m pytest tests/test_fuzz_protocol.py`` (see conftest.py).
+The default budget keeps the file to seconds; a long run (5,000 examples per test, see
+conftest.py): ``KACHERY_FUZZ=long .venv/bin/python -m pytest tests/test_fuzz_protocol.py
+-o faulthandler_timeout=0``.
 """
 
 from __future__ import annotations
