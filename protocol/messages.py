@@ -172,6 +172,10 @@ def decode_message(data: bytes | memoryview) -> Message | UnknownMessage:
     if cls is None:
         raw_id = body.get("id")
         return UnknownMessage(type=msg_type, id=raw_id if isinstance(raw_id, int) else None)
+    if not all(isinstance(k, str) for k in body):
+        raise RemoteProtocolError(
+            f"{cls.__name__} has a field name that is not text", close_code=CloseCode.BAD_FRAME
+        )
     names = _field_names(cls)
     unknown = set(body) - set(names)
     if unknown:
