@@ -104,6 +104,18 @@ def _check_label(value: object, what: str) -> str:
     return value
 
 
+def _check_int(value: object, what: str) -> int:
+    if type(value) is not int:
+        raise InvalidInput(f"{what} must be an integer")
+    return value
+
+
+def _check_bytes(value: object, what: str) -> bytes:
+    if not isinstance(value, bytes):
+        raise InvalidInput(f"{what} must be a byte string")
+    return value
+
+
 def _check_addresses(value: object, what: str) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or len(value) > MAX_ADDRESSES:
         raise InvalidInput(f"{what} must be a list of at most {MAX_ADDRESSES} addresses")
@@ -250,7 +262,7 @@ class SignedDoc:
                 version=body["version"],
                 members=members,
                 bootstrap=_check_addresses(body["bootstrap"], "bootstrap"),
-                issued_at=int(body["issuedAt"]),
+                issued_at=_check_int(body["issuedAt"], "issuedAt"),
             )
             signer = _check_id(body["signer"], "signer")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -434,15 +446,15 @@ class Invite:
             if body.get("v") != INVITE_VERSION:
                 raise InvalidInput(f"invite version {body.get('v')!r} is not {INVITE_VERSION}")
             invite = cls(
-                channel_id=_check_id(bytes(body["channel"]).hex(), "channel ID"),
+                channel_id=_check_id(_check_bytes(body["channel"], "channel").hex(), "channel ID"),
                 label=_check_label(body["label"], "label"),
                 name=_check_label(body["name"], "name"),
-                admin_id=_check_id(bytes(body["admin"]).hex(), "admin"),
+                admin_id=_check_id(_check_bytes(body["admin"], "admin").hex(), "admin"),
                 bootstrap=_check_addresses(body["bootstrap"], "bootstrap"),
                 roles=parse_roles(body["roles"]),
-                expires_at=int(body["expires"]),
-                invite_id=bytes(body["id"]),
-                secret=bytes(body["secret"]),
+                expires_at=_check_int(body["expires"], "expires"),
+                invite_id=_check_bytes(body["id"], "invite ID"),
+                secret=_check_bytes(body["secret"], "secret"),
             )
         except InvalidInput as exc:
             raise InvalidInput(f"the invite token is damaged: {exc}") from None
@@ -500,8 +512,8 @@ class Announcement:
             a = cls(
                 node_id=_check_id(value["nodeId"], "node ID"),
                 addresses=_check_addresses(value["addresses"], "addresses"),
-                timestamp=int(value["timestamp"]),
-                signature=bytes(value["signature"]),
+                timestamp=_check_int(value["timestamp"], "timestamp"),
+                signature=_check_bytes(value["signature"], "signature"),
             )
             if value.get("format") != ANNOUNCE_FORMAT:
                 raise InvalidInput("not an announcement")

@@ -66,7 +66,10 @@ def _kachery_floats(value: JSONValue) -> JSONValue:
 
 
 def _sha1_json(value: JSONValue) -> str:
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    except ValueError as exc:  # an integer of over 4300 digits
+        raise InvalidInput(f"value cannot be written as JSON: {exc}") from None
     return hashlib.sha1(text.encode("ascii")).hexdigest()
 
 

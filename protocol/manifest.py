@@ -70,9 +70,10 @@ class Manifest:
                 f"a file of {self.size} bytes has no manifest "
                 f"(only files over {CHUNK_SIZE} bytes do)"
             )
-        expected = chunk_ranges(self.size)
+        # compare counts first: a huge size must not build a huge list of expected ranges
+        count = -(-self.size // CHUNK_SIZE)
         got = [(c.start, c.end) for c in self.chunks]
-        if got != expected:
+        if len(got) != count or got != chunk_ranges(self.size):
             raise InvalidManifest(
                 f"manifest chunks do not cover 0..{self.size} in {CHUNK_SIZE}-byte pieces"
             )
@@ -119,15 +120,18 @@ class Manifest:
                 raise InvalidManifest(f"manifest bytes hash to {got}, not {expected_sha1}")
         try:
             doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except ValueError as exc:  # also UnicodeDecodeError, and integers over 4300 digits
             raise InvalidManifest(f"manifest is not JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidManifest("manifest is not JSON: it nests too deeply") from None
         try:
             size, sha1, chunks = doc["size"], doc["sha1"], doc["chunks"]
             parsed = tuple(ManifestChunk(c["start"], c["end"], c["sha1"]) for c in chunks)
         except (KeyError, TypeError) as exc:
             raise InvalidManifest(f"manifest lacks a field or has a wrong type: {exc!r}") from None
         ints = [size] + [v for c in parsed for v in (c.start, c.end)]
-        if not all(type(v) is int for v in ints) or not isinstance(sha1, str):
+        hashes = [sha1] + [c.sha1 for c in parsed]
+        if not all(type(v) is int for v in ints) or not all(type(h) is str for h in hashes):
             raise InvalidManifest("manifest sizes and offsets must be integers, hashes strings")
         return cls(size, sha1, parsed)
 

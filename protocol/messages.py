@@ -168,10 +168,10 @@ def decode_message(data: bytes | memoryview) -> Message | UnknownMessage:
     if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], dict)):
         raise RemoteProtocolError("a message is [type, fields]", close_code=CloseCode.BAD_FRAME)
     msg_type, body = value
-    cls = _REGISTRY.get(msg_type) if isinstance(msg_type, int) else None
+    cls = _REGISTRY.get(msg_type) if type(msg_type) is int else None
     if cls is None:
         raw_id = body.get("id")
-        return UnknownMessage(type=msg_type, id=raw_id if isinstance(raw_id, int) else None)
+        return UnknownMessage(type=msg_type, id=raw_id if type(raw_id) is int else None)
     if not all(isinstance(k, str) for k in body):
         raise RemoteProtocolError(
             f"{cls.__name__} has a field name that is not text", close_code=CloseCode.BAD_FRAME

@@ -216,7 +216,10 @@ def check_kwargs(kwargs: object) -> dict[str, JSONValue]:
     if not isinstance(kwargs, dict):
         raise InvalidInput(f"task kwargs must be a JSON object, not {type(kwargs).__name__}")
     check_json_value(kwargs, "kwargs")
-    size = len(json.dumps(kwargs, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    try:
+        size = len(json.dumps(kwargs, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    except ValueError as exc:  # a lone surrogate, or an integer of over 4300 digits
+        raise InvalidInput(f"kwargs cannot be written as JSON: {exc}") from None
     if size > MAX_KWARGS_BYTES:
         raise InvalidInput(
             f"kwargs are {size} bytes as JSON, over {MAX_KWARGS_BYTES}: pass large data as a"

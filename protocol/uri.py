@@ -133,7 +133,13 @@ def subfeed_hash(name: str) -> str:
         if not is_sha1_hex(literal):
             raise InvalidURI(f"subfeed name {name!r} starts with '~' but is not '~<40 hex digits>'")
         return literal
-    return hashlib.sha1(name.encode("utf-8")).hexdigest()
+    try:
+        data = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidURI(
+            f"subfeed name {name!r} holds a lone surrogate, which UTF-8 cannot carry"
+        ) from None
+    return hashlib.sha1(data).hexdigest()
 
 
 def _bad(text: str, what: str, form: str) -> InvalidURI:
@@ -147,6 +153,11 @@ def _split_scheme(text: str, form: str) -> tuple[str, str]:
         raise InvalidURI(f"a URI must be a string, not {type(text).__name__}")
     if len(text) > MAX_URI_LENGTH:
         raise _bad(text, f"longer than {MAX_URI_LENGTH} characters", form)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _bad(text, "it holds a lone surrogate, which UTF-8 cannot carry", form) from None
     scheme, sep, rest = text.partition("://")
     if not sep:
         raise _bad(text, "no '://' after the scheme", form)
@@ -201,7 +212,7 @@ def _parse_chunk_of(text: str, value: str) -> ChunkOf:
     if len(parts) != 3:
         raise _bad(text, f"chunkOf={value!r} is not <sha1>~<start>~<end>", CHUNK_URI_FORM)
     file_sha1, start, end = parts
-    if not (start.isdigit() and end.isdigit()):
+    if not (start.isascii() and start.isdigit() and end.isascii() and end.isdigit()):
         raise _bad(text, f"chunkOf range {start!r}~{end!r} is not two integers", CHUNK_URI_FORM)
     try:
         return ChunkOf(file_sha1=file_sha1.lower(), start=int(start), end=int(end))
