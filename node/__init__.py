@@ -18,8 +18,8 @@ from kachery.protocol.lazy import lazy_exports
 if TYPE_CHECKING:
     from kachery.protocol.errors import KacheryError
 
-    from .feeds_client import Feed, Subfeed, create_feed, get_feed_id, load_feed, load_subfeed
-    from .files_client import (
+    from .client.feeds import Feed, Subfeed, create_feed, get_feed_id, load_feed, load_subfeed
+    from .client.files import (
         load_bytes,
         load_file,
         load_json,
@@ -31,8 +31,8 @@ if TYPE_CHECKING:
         store_npy,
         store_text,
     )
-    from .mutables_client import get, set
-    from .tasks_client import TaskFailed, TaskHandle, request_task, run_task_backend, taskfunction
+    from .client.mutables import get, set
+    from .client.tasks import TaskFailed, TaskHandle, request_task, run_task_backend, taskfunction
 
 __all__ = [
     "Feed",
@@ -62,30 +62,30 @@ __all__ = [
 ]
 
 _HOMES = {
-    "Feed": ".feeds_client",
+    "Feed": ".client.feeds",
     "KacheryError": "kachery.protocol.errors",
-    "Subfeed": ".feeds_client",
-    "TaskFailed": ".tasks_client",
-    "TaskHandle": ".tasks_client",
-    "create_feed": ".feeds_client",
-    "get": ".mutables_client",
-    "get_feed_id": ".feeds_client",
-    "load_bytes": ".files_client",
-    "load_feed": ".feeds_client",
-    "load_file": ".files_client",
-    "load_json": ".files_client",
-    "load_npy": ".files_client",
-    "load_subfeed": ".feeds_client",
-    "load_text": ".files_client",
-    "request_task": ".tasks_client",
-    "run_task_backend": ".tasks_client",
-    "set": ".mutables_client",
-    "store_bytes": ".files_client",
-    "store_file": ".files_client",
-    "store_json": ".files_client",
-    "store_npy": ".files_client",
-    "store_text": ".files_client",
-    "taskfunction": ".tasks_client",
+    "Subfeed": ".client.feeds",
+    "TaskFailed": ".client.tasks",
+    "TaskHandle": ".client.tasks",
+    "create_feed": ".client.feeds",
+    "get": ".client.mutables",
+    "get_feed_id": ".client.feeds",
+    "load_bytes": ".client.files",
+    "load_feed": ".client.feeds",
+    "load_file": ".client.files",
+    "load_json": ".client.files",
+    "load_npy": ".client.files",
+    "load_subfeed": ".client.feeds",
+    "load_text": ".client.files",
+    "request_task": ".client.tasks",
+    "run_task_backend": ".client.tasks",
+    "set": ".client.mutables",
+    "store_bytes": ".client.files",
+    "store_file": ".client.files",
+    "store_json": ".client.files",
+    "store_npy": ".client.files",
+    "store_text": ".client.files",
+    "taskfunction": ".client.tasks",
 }
 """Where each name lives: imported on first use, so the command line, which imports
 kachery.node's modules, starts without loading every client."""

@@ -22,10 +22,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kachery.node.errors import NodeError, NotInitialized
 from kachery.protocol.identity import SEED_BYTES, KeyPair
 from kachery.protocol.uri import FileURI
-
-from .errors import NodeError, NotInitialized
 
 if TYPE_CHECKING:  # imported where first used: the command line starts without SQLAlchemy
     from kachery.storage.blobstore import BlobStore

@@ -10,7 +10,8 @@ result is only ever found for the exact arguments it was computed from. ``task_a
 provider's ledger of the action requests it accepted, written (and committed) before an action
 runs and again when it ends, so a request delivered twice, even across a restart, runs once.
 
-Non-goals: the result files themselves (the blob store) and deciding anything (node/tasks.py).
+Non-goals: the result files themselves (the blob store) and deciding anything
+(node/services/tasks.py).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Any
 
 import trio
 
-from kachery.node.daemon import Node
+from kachery.node.daemon.node import Node
 from kachery.node.home import NodeHome
 
 WAIT = 20  # seconds: a safety net, never a pacing device

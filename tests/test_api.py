@@ -21,9 +21,8 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
-import kachery.node.api
-from kachery.node.api import MethodSpec, StreamResult, exposed, methods_of, serve_api
-from kachery.node.cli import parse_duration
+import kachery.node.localapi.server
+from kachery.node.cli.main import parse_duration
 from kachery.node.client import (
     AUTH_HEADER,
     CLIENT_AUTH_FILE,
@@ -36,6 +35,7 @@ from kachery.node.client import (
     write_daemon_info,
 )
 from kachery.node.errors import DaemonNotRunning, NodeError, NotPermitted, Unavailable
+from kachery.node.localapi.server import MethodSpec, StreamResult, exposed, methods_of, serve_api
 from kachery.protocol.errors import InvalidInput, KacheryError
 from kachery.storage.errors import AlreadyExists, NotFound
 
@@ -225,7 +225,7 @@ async def test_an_unexpected_exception_is_a_500_that_hides_internals(
     home: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with running_api(home, FakeControl()) as port:
-        with caplog.at_level(logging.ERROR, logger="kachery.node.api"):
+        with caplog.at_level(logging.ERROR, logger="kachery.node.localapi.server"):
             status, answer = await in_thread(raw, port, "POST", "/api/crash", b"", auth(home))
         assert status == 500
         assert answer["error"]["type"] == "InternalError"
@@ -235,7 +235,7 @@ async def test_an_unexpected_exception_is_a_500_that_hides_internals(
             await in_thread(client(home).call, "crash")
         assert type(caught.value) is NodeError
         assert "secret" not in str(caught.value)
-    [record, *_] = [r for r in caplog.records if r.name == "kachery.node.api"]
+    [record, *_] = [r for r in caplog.records if r.name == "kachery.node.localapi.server"]
     assert record.exc_info is not None
     assert "secret detail" in str(record.exc_info[1])  # the log has it, the client does not
 
@@ -365,7 +365,7 @@ async def test_a_stream_left_early_is_cancelled_and_its_connection_never_reused(
 async def test_the_daemon_closes_a_connection_left_idle_after_its_answer(
     home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(kachery.node.api, "KEEP_ALIVE_SECONDS", 0.1)
+    monkeypatch.setattr(kachery.node.localapi.server, "KEEP_ALIVE_SECONDS", 0.1)
 
     def call_then_wait_for_the_close(port: int, path: str, body: bytes) -> bytes:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from kachery.node.cli import build_parser
-from kachery.node.cli_tasks import TASK_TYPES
+from kachery.node.cli.main import build_parser
+from kachery.node.cli.tasks import TASK_TYPES
 from kachery.node.progress import format_duration
 from kachery.protocol.tasks import TaskType
 
@@ -311,7 +311,7 @@ def test_the_command_line_starts_without_loading_sqlalchemy_or_trio() -> None:
     ~150 ms), the runtime, the task protocol (~27 ms) and the store's copier load only where a
     command uses them."""
     heavy = {"sqlalchemy", "trio", "kachery.protocol.tasks", "kachery.storage.blobstore"}
-    code = f"import sys, kachery.node.cli; print(sorted({heavy!r} & set(sys.modules)))"
+    code = f"import sys, kachery.node.cli.main; print(sorted({heavy!r} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, text=True)
     assert out.stdout.strip() == "[]"
 

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import trio
 
-import kachery.node.feeds as feeds_module
-from kachery.node.daemon import Node
+import kachery.node.services.feeds as feeds_module
+from kachery.node.daemon.node import Node
+from kachery.node.daemon.peer import Refusal, RequestFailed
+from kachery.node.daemon.transport import DialError
 from kachery.node.errors import NotPermitted
-from kachery.node.feeds import FeedService
-from kachery.node.peer import Refusal, RequestFailed
-from kachery.node.transport import DialError
+from kachery.node.services.feeds import FeedService
 from kachery.protocol.codec import encode
 from kachery.protocol.errors import CloseCode, InvalidInput
 from kachery.protocol.feed_messages import FeedGet, FeedPush, FeedSubscribe

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import trio
 
-from kachery.node.api import StreamResult
-from kachery.node.daemon import Node
+from kachery.node.daemon.node import Node
 from kachery.node.errors import NotPermitted, Unavailable
-from kachery.node.files import FileService, _check_range, _PartialFile, _read_blocks
+from kachery.node.localapi.server import StreamResult
+from kachery.node.services.files import FileService, _check_range, _PartialFile, _read_blocks
 from kachery.protocol import FileURI, parse_file_uri
 from kachery.protocol.channel import Role
 from kachery.protocol.errors import InvalidInput

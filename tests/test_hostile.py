@@ -21,9 +21,9 @@ import pytest
 import trio
 import trio.lowlevel
 
-from kachery.node.daemon import Node
-from kachery.node.peer import HandshakeFailed, handshake_as_initiator
-from kachery.node.transport import Link, LinkClosed, dial
+from kachery.node.daemon.node import Node
+from kachery.node.daemon.peer import HandshakeFailed, handshake_as_initiator
+from kachery.node.daemon.transport import Link, LinkClosed, dial
 from kachery.protocol.channel import Member
 from kachery.protocol.codec import encode
 from kachery.protocol.feed_messages import FeedPrune
@@ -150,8 +150,8 @@ async def test_a_low_order_key_in_m2_does_not_stop_the_dialer(tmp_path: Path) ->
     async with swarm(tmp_path) as s:
         victim, member = await channel_of(s, ["victim", "member"])
         async with trio.open_nursery() as nursery:
-            from kachery.node.boundary import PeerFaults
-            from kachery.node.transport import listen
+            from kachery.node.daemon.boundary import PeerFaults
+            from kachery.node.daemon.transport import listen
 
             port = await nursery.start(
                 lambda task_status: listen(

@@ -1,4 +1,5 @@
-"""The reserve of precomputed signing nonces (node/nonces.py): a real maker process and pipe."""
+"""The reserve of precomputed signing nonces (node/services/nonces.py): a real maker process
+and pipe."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import signal
 import pytest
 import trio
 
-from kachery.node import nonces as nonces_module
-from kachery.node.nonces import NonceReserve
+from kachery.node.services import nonces as nonces_module
+from kachery.node.services.nonces import NonceReserve
 from kachery.protocol.identity import KeyPair, Nonce, verify
 
 from .swarm import until

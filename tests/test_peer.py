@@ -1,6 +1,6 @@
-"""One session with one peer (node/peer.py) over in-memory links: what it queues for a peer, and
-what a fault in a handler or in the link does (it ends that session, inside the peer boundary,
-and nothing else).
+"""One session with one peer (node/daemon/peer.py) over in-memory links: what it queues for a
+peer, and what a fault in a handler or in the link does (it ends that session, inside the peer
+boundary, and nothing else).
 
 The same faults from real peers through real sockets are in tests/test_hostile.py; here the
 handlers and the link are the test's own, so every kind of fault can be raised on purpose.
@@ -17,15 +17,15 @@ import pytest
 import trio
 import trio.testing
 
-from kachery.node.boundary import PeerFaults, PerPeerSlots
-from kachery.node.peer import (
+from kachery.node.daemon.boundary import PeerFaults, PerPeerSlots
+from kachery.node.daemon.peer import (
     CONTROL_QUEUE_BYTES,
     PeerConnection,
     RequestFailed,
     handshake_as_initiator,
     handshake_as_responder,
 )
-from kachery.node.transport import MemoryLink
+from kachery.node.daemon.transport import MemoryLink
 from kachery.protocol.identity import KeyPair
 from kachery.protocol.messages import (
     DocAnnounce,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from kachery.node.peer_manager import BACKOFF_CAP, Backoff, DialTarget, plan_dials
+from kachery.node.daemon.peer_manager import BACKOFF_CAP, Backoff, DialTarget, plan_dials
 
 
 def plan(**overrides: object) -> list[DialTarget]:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from kachery.node.daemon import Node
+from kachery.node.daemon.node import Node
+from kachery.node.daemon.peer import HandshakeFailed
+from kachery.node.daemon.transport import DialError, LinkClosed, dial
 from kachery.node.errors import NotPermitted
-from kachery.node.peer import HandshakeFailed
-from kachery.node.transport import DialError, LinkClosed, dial
 from kachery.protocol import CloseCode, InvalidInput, KeyPair
 from kachery.protocol.channel import Invite, Role
 from kachery.protocol.messages import DocRequest, DocResponse

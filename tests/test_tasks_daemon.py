@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 import kachery.node as kn
+from kachery.node.client.tasks import TaskFunction, execute_job, load_result
 from kachery.node.errors import NodeError
 from kachery.node.home import HOME_ENV, NodeHome
-from kachery.node.tasks_client import TaskFunction, execute_job, load_result
 from kachery.node.testing import CommandFailed, Daemon
 from kachery.protocol.errors import InvalidInput
 from kachery.protocol.tasks import INLINE_RESULT_BYTES, TaskType

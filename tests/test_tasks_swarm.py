@@ -23,14 +23,14 @@ from unittest.mock import ANY
 import pytest
 import trio
 
-from kachery.node import tasks as tasks_module
-from kachery.node.api import StreamResult
-from kachery.node.daemon import Node
+from kachery.node.client.tasks import describe_exception, store_result
+from kachery.node.daemon.node import Node
+from kachery.node.daemon.peer import PeerConnection, RequestFailed
 from kachery.node.errors import NotPermitted
-from kachery.node.files import FileService
-from kachery.node.peer import PeerConnection, RequestFailed
-from kachery.node.tasks import TaskService, _Request
-from kachery.node.tasks_client import describe_exception, store_result
+from kachery.node.localapi.server import StreamResult
+from kachery.node.services import tasks as tasks_module
+from kachery.node.services.files import FileService
+from kachery.node.services.tasks import TaskService, _Request
 from kachery.protocol.errors import InvalidInput
 from kachery.protocol.kachery_json import task_hash
 from kachery.protocol.tasks import (

@@ -1,4 +1,5 @@
-"""Websocket masking in C (node/wsmask.py): the same bytes as wsproto's own, frame by frame."""
+"""Websocket masking in C (node/daemon/wsmask.py): the same bytes as wsproto's own, frame by
+frame."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import random
 import pytest
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
-from kachery.node import wsmask
-from kachery.node.transport import MASKING_IN_C
+from kachery.node.daemon import wsmask
+from kachery.node.daemon.transport import MASKING_IN_C
 
 
 def test_the_transport_masks_in_c() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from kachery.node.transport import DialError, dial
+from kachery.node.daemon.transport import DialError, dial
 
 from .swarm import WAIT, swarm, wait
 from .test_files import files_of, store_random

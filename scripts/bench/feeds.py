@@ -7,9 +7,9 @@ each message value), real nodes, real websockets on 127.0.0.1 and SQLite on disk
   ``core.append``), signed and durable when it returns; one message per call (one caller, and
   eight concurrent callers sharing group commits) and batches of 100, the message values built
   before the clock starts. Signatures use nonces made ahead by the nonce maker process
-  (node/nonces.py), whose pipe holds 16,384; so also 200,000 in a row, past what it holds, and,
-  for comparison in the same run, every signature by RFC 8032 as before it. Then the same
-  through the local HTTP API of a ``kachery-node start`` daemon (the ``kachery.node`` client).
+  (node/services/nonces.py), whose pipe holds 16,384; so also 200,000 in a row, past what it
+  holds, and, for comparison in the same run, every signature by RFC 8032 as before it. Then the
+  same through the local HTTP API of a ``kachery-node start`` daemon (the ``kachery.node`` client).
 - catch-up: a fresh node follows a 100,000-message subfeed held by another node: messages/s from
   subscribing until all are verified and stored. Once with checkpoints (one signature per batch),
   once verifying every signature in worker threads, to compare the two designs.
@@ -36,9 +36,9 @@ from typing import Any
 import trio
 
 from kachery.node.client import DaemonClient
-from kachery.node.daemon import Node
-from kachery.node.feeds import FeedService
+from kachery.node.daemon.node import Node
 from kachery.node.home import HOME_ENV, NodeHome
+from kachery.node.services.feeds import FeedService
 from kachery.node.testing import Daemon
 from kachery.protocol.feeds import SubfeedRef
 from kachery.protocol.uri import subfeed_hash

@@ -21,10 +21,10 @@ from urllib.parse import urlsplit
 
 import trio
 
+from kachery.node.daemon.peer import handshake_as_initiator
+from kachery.node.daemon.transport import LinkClosed, dial
 from kachery.node.home import NodeHome
-from kachery.node.peer import handshake_as_initiator
 from kachery.node.testing import Daemon
-from kachery.node.transport import LinkClosed, dial
 from kachery.protocol.codec import encode
 from kachery.protocol.files import CancelData
 from kachery.protocol.identity import KeyPair

@@ -32,6 +32,21 @@ from typing import Any, TypeVar, cast
 
 import trio
 
+from kachery.node.daemon.boundary import PeerFaults
+from kachery.node.daemon.membership import Membership, now_ms
+from kachery.node.daemon.peer import (
+    HandshakeFailed,
+    PeerConnection,
+    Refusal,
+    handshake_as_initiator,
+    handshake_as_responder,
+)
+from kachery.node.daemon.peer_manager import DIAL_INTERVAL, Backoff, DialTarget, plan_dials
+from kachery.node.daemon.transport import DialError, Link, dial, listen
+from kachery.node.errors import NodeError, NotPermitted, Unavailable, lone_error
+from kachery.node.home import NodeHome
+from kachery.node.localapi.server import exposed
+from kachery.node.services import Service, build_services
 from kachery.protocol.channel import Accepted, Announcement, Invite, SignedDoc, parse_roles
 from kachery.protocol.errors import CloseCode, InvalidInput, KacheryError, RemoteProtocolError
 from kachery.protocol.messages import (
@@ -57,22 +72,6 @@ from kachery.protocol.session import (
     ResponderIdentified,
     Session,
 )
-
-from .api import exposed
-from .boundary import PeerFaults
-from .errors import NodeError, NotPermitted, Unavailable, lone_error
-from .home import NodeHome
-from .membership import Membership, now_ms
-from .peer import (
-    HandshakeFailed,
-    PeerConnection,
-    Refusal,
-    handshake_as_initiator,
-    handshake_as_responder,
-)
-from .peer_manager import DIAL_INTERVAL, Backoff, DialTarget, plan_dials
-from .services import Service, build_services
-from .transport import DialError, Link, dial, listen
 
 log = logging.getLogger("kachery.node")
 
@@ -972,8 +971,8 @@ async def serve_node(
     task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a node and its local API until cancelled or asked to shut down."""
-    from .api import ensure_client_auth, methods_of, serve_api
-    from .client import remove_daemon_info, write_daemon_info
+    from kachery.node.client import remove_daemon_info, write_daemon_info
+    from kachery.node.localapi.server import ensure_client_auth, methods_of, serve_api
 
     host, _, port_text = listen.rpartition(":")
     try:

@@ -30,7 +30,7 @@ answers lookups from other members later, even when the provider is offline. A q
 provider answers within its timeout returns its last result, marked as a fallback.
 
 Non-goals: the wire format and the decisions (kachery.protocol.tasks), SQL
-(kachery.storage.tasks), running the functions (kachery.node.tasks_client, in the worker).
+(kachery.storage.tasks), running the functions (kachery.node.client.tasks, in the worker).
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
+from kachery.node.daemon.boundary import PerPeerSlots
+from kachery.node.daemon.peer import PeerConnection, RequestFailed
+from kachery.node.errors import NotPermitted, Unavailable
+from kachery.node.localapi.server import StreamResult, exposed
+from kachery.node.services.files import FileService
 from kachery.protocol.channel import Role
 from kachery.protocol.errors import InvalidInput, KacheryError
 from kachery.protocol.files import MAX_GET_BYTES
@@ -88,14 +93,8 @@ from kachery.protocol.uri import ChunkOf, FileURI, parse_file_uri
 from kachery.storage.errors import NotFound
 from kachery.storage.tasks import TaskResult, TaskStore
 
-from .api import StreamResult, exposed
-from .boundary import PerPeerSlots
-from .errors import NotPermitted, Unavailable
-from .files import FileService
-from .peer import PeerConnection, RequestFailed
-
 if TYPE_CHECKING:
-    from .daemon import Node
+    from kachery.node.daemon.node import Node
 
 log = logging.getLogger(__name__)
 

@@ -53,6 +53,10 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import trio
 
+from kachery.node.daemon.peer import PeerConnection
+from kachery.node.errors import NotPermitted, Unavailable
+from kachery.node.localapi.server import StreamResult, exposed
+from kachery.node.services.nonces import NonceReserve
 from kachery.protocol.channel import Role
 from kachery.protocol.errors import CloseCode, InvalidInput, KacheryError
 from kachery.protocol.feed_gossip import Pull, SubfeedGossip
@@ -97,13 +101,8 @@ from kachery.protocol.uri import FeedURI, parse_feed_uri, subfeed_hash
 from kachery.storage.errors import AlreadyExists, NotFound
 from kachery.storage.feeds import FeedStore, Rows, WriteBusy
 
-from .api import StreamResult, exposed
-from .errors import NotPermitted, Unavailable
-from .nonces import NonceReserve
-from .peer import PeerConnection
-
 if TYPE_CHECKING:
-    from .daemon import Node
+    from kachery.node.daemon.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +286,7 @@ class _Fetch:
 
 
 class FeedService:
-    """Feeds on one node (a ``Service``: see node/services.py).
+    """Feeds on one node (a ``Service``: see node/services/__init__.py).
 
     Args:
         node: the node it runs in.

@@ -9,10 +9,10 @@ the other core.
 By a process, not a thread. A worker thread making them was measured first: its trips in and
 out of the GIL (two libsodium calls per nonce) delayed the event loop every time it released
 the GIL for SQLite, and single appends fell from 12.2k/s to 8.9k/s instead of rising. The nonce
-maker is ``python -m kachery.node.nonces``, started on the first ``take``. It writes 64-byte
-records (r || R) into a pipe until the pipe is full, then sleeps in ``write``. The pipe is the
-reserve: up to PIPE_BYTES of nonces in kernel memory, costing nothing while nobody signs, and a
-pipe hands each byte to exactly one reader, so no nonce comes out twice, even to a fork.
+maker is ``python -m kachery.node.services.nonces``, started on the first ``take``. It writes
+64-byte records (r || R) into a pipe until the pipe is full, then sleeps in ``write``. The pipe
+is the reserve: up to PIPE_BYTES of nonces in kernel memory, costing nothing while nobody signs,
+and a pipe hands each byte to exactly one reader, so no nonce comes out twice, even to a fork.
 
 Nothing ever waits for a nonce: when none is ready (the maker is starting, or a burst outran it),
 ``take`` returns None and the signer uses RFC 8032 for that message. If the maker cannot start

@@ -18,14 +18,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from kachery.node.client import DaemonClient
+from kachery.node.errors import DaemonNotRunning
+from kachery.node.home import NodeHome
 from kachery.protocol.errors import InvalidInput
 from kachery.protocol.kachery_json import JSONValue, check_json_value
 from kachery.protocol.uri import FileURI, parse_file_uri
 from kachery.storage.errors import NotFound
-
-from .client import DaemonClient
-from .errors import DaemonNotRunning
-from .home import NodeHome
 
 
 def _home() -> NodeHome:

@@ -6,7 +6,7 @@ Messages are JSON: ``append`` takes each argument as one JSON value (``-`` reads
 per line from stdin); ``read`` and ``watch`` print ``<number><TAB><message as JSON>`` per line,
 or one full JSON record per line with ``--json``.
 
-Non-goal: logic of its own (node/feeds.py does the work).
+Non-goal: logic of its own (node/services/feeds.py does the work).
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
+from kachery.node.cli.groups import UsageError, action_group
+from kachery.node.client import DaemonClient
+from kachery.node.home import NodeHome
 from kachery.protocol.errors import InvalidInput
 from kachery.protocol.uri import parse_feed_uri
-
-from .cli_groups import UsageError, action_group
-from .client import DaemonClient
-from .home import NodeHome
 
 EPILOG = """examples:
   id=$(kachery-node feed create notebook)

@@ -39,6 +39,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from kachery.node.daemon.boundary import PerPeerSlots
+from kachery.node.daemon.peer import PeerConnection, RequestFailed
+from kachery.node.errors import NotPermitted, Unavailable, lone_error
+from kachery.node.localapi.server import StreamResult, exposed
+from kachery.node.progress import format_bytes
 from kachery.protocol.channel import Role
 from kachery.protocol.errors import CloseCode, InvalidInput, KacheryError
 from kachery.protocol.files import (
@@ -63,14 +68,8 @@ from kachery.storage.blobstore import hash_range
 from kachery.storage.errors import NotFound, StorageError, StoreFull, is_no_space
 from kachery.storage.files import FileEntry
 
-from .api import StreamResult, exposed
-from .boundary import PerPeerSlots
-from .errors import NotPermitted, Unavailable, lone_error
-from .peer import PeerConnection, RequestFailed
-from .progress import format_bytes
-
 if TYPE_CHECKING:
-    from .daemon import Node
+    from kachery.node.daemon.node import Node
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ one-line summary on stderr, and each status change on stderr when stderr is a te
 1 with its error message.
 
 Non-goals: serving tasks (a worker process does: ``kn.run_task_backend``) and logic of its own
-(node/tasks.py does the work).
+(node/services/tasks.py does the work).
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from kachery.node.cli.groups import action_group
+from kachery.node.client import DaemonClient
+from kachery.node.home import NodeHome
+from kachery.node.progress import format_duration
 from kachery.protocol.errors import InvalidInput
-
-from .cli_groups import action_group
-from .client import DaemonClient
-from .home import NodeHome
-from .progress import format_duration
 
 EPILOG = """examples:
   kachery-node task request spikesort.v1 --kwargs '{"recording": "sha1://4f2a..."}'
@@ -134,7 +133,7 @@ def _summary(state: dict[str, Any]) -> str:
 
 
 def cmd_task_request(args: argparse.Namespace, out: TextIO) -> int:
-    from .tasks_client import TaskFailed, load_result  # here: see TASK_TYPES
+    from kachery.node.client.tasks import TaskFailed, load_result  # here: see TASK_TYPES
 
     daemon = _daemon()
     state = daemon.call(

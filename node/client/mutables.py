@@ -6,9 +6,8 @@ overwrite. Works directly on the node's database (no daemon needed).
 
 from __future__ import annotations
 
+from kachery.node.home import NodeHome
 from kachery.protocol.kachery_json import JSONValue
-
-from .home import NodeHome
 
 
 def set(key: JSONValue, value: JSONValue, *, update: bool = True) -> None:

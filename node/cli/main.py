@@ -20,18 +20,17 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar
 from urllib.parse import urlsplit
 
+from kachery.node.cli.feeds import add_feed_commands
+from kachery.node.cli.groups import Command, UsageError, action_group, add_home_option
+from kachery.node.cli.tasks import add_task_commands
+from kachery.node.client import DEFAULT_TIMEOUT, DaemonClient
+from kachery.node.errors import DaemonNotRunning
+from kachery.node.home import HOME_ENV, NodeHome, default_home
+from kachery.node.progress import ProgressBar, format_bytes, format_duration
 from kachery.protocol.channel import MAX_ADDRESS_CHARS, Role, parse_roles
 from kachery.protocol.errors import InvalidInput, KacheryError
 from kachery.protocol.uri import FileURI, parse_file_uri
 from kachery.storage.errors import NotFound
-
-from .cli_feeds import add_feed_commands
-from .cli_groups import Command, UsageError, action_group, add_home_option
-from .cli_tasks import add_task_commands
-from .client import DEFAULT_TIMEOUT, DaemonClient
-from .errors import DaemonNotRunning
-from .home import HOME_ENV, NodeHome, default_home
-from .progress import ProgressBar, format_bytes, format_duration
 
 PROG = "kachery-node"
 DEFAULT_LISTEN_PORT = 20432
@@ -638,7 +637,9 @@ def cmd_mutable_list(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_start(args: argparse.Namespace, out: TextIO) -> int:
-    from .daemon import run_daemon  # here: only `start` needs trio and the network stack
+    from kachery.node.daemon.node import (
+        run_daemon,  # here: only `start` needs trio and the network stack
+    )
 
     home = NodeHome.open()
     run_daemon(

@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable
 from typing import TextIO
 
-from .home import HOME_ENV
+from kachery.node.home import HOME_ENV
 
 Command = Callable[[argparse.Namespace, TextIO], int]
 """A command: its parsed arguments and stdout in, an exit code out."""

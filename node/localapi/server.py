@@ -36,13 +36,14 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
+from kachery.node.client import API_HOST, AUTH_HEADER, KEEP_ALIVE_SECONDS
+from kachery.node.client import (
+    ensure_client_auth as ensure_client_auth,  # the daemon creates the token
+)
+from kachery.node.errors import NodeError, NotPermitted, Unavailable
 from kachery.protocol.errors import InvalidInput, KacheryError
 from kachery.protocol.uri import FileURI, parse_file_uri
 from kachery.storage.errors import AlreadyExists, NotFound
-
-from .client import API_HOST, AUTH_HEADER, KEEP_ALIVE_SECONDS
-from .client import ensure_client_auth as ensure_client_auth  # the daemon creates the token
-from .errors import NodeError, NotPermitted, Unavailable
 
 log = logging.getLogger(__name__)
 http_log = logging.getLogger(f"{__name__}.http")

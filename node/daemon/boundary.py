@@ -20,7 +20,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed
 
-from .errors import LinkClosed
+from kachery.node.errors import LinkClosed
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,8 @@ from typing import Any
 
 import kachery.protocol.errors
 import kachery.storage.errors
+from kachery.node.errors import DaemonNotRunning, NodeError
 from kachery.protocol.errors import KacheryError
-
-from .errors import DaemonNotRunning, NodeError
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +225,8 @@ class DaemonClient:
     """Calls the local API of the daemon that runs for a node home.
 
     The daemon's port and token are read afresh for every call, so a client outlives daemon
-    restarts. Methods take keyword arguments only (JSON values); see ``kachery.node.api``.
+    restarts. Methods take keyword arguments only (JSON values); see
+    ``kachery.node.localapi.server``.
 
     Args:
         home_path: the node home.
@@ -488,7 +488,9 @@ def _error_from(method: str, item: dict[str, Any], status: int) -> KacheryError:
 @functools.cache
 def _error_classes() -> dict[str, type[KacheryError]]:
     """Error classes by name: an error the daemon reports is re-raised as the same class."""
-    from . import errors as node_errors  # here: kachery.node imports this module while loading
+    from kachery.node import (
+        errors as node_errors,  # here: kachery.node imports this module while loading
+    )
 
     found: dict[str, type[KacheryError]] = {}
     for module in (kachery.protocol.errors, kachery.storage.errors, node_errors):

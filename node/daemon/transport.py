@@ -38,12 +38,11 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
+from kachery.node.daemon import wsmask
+from kachery.node.daemon.boundary import PeerFaults, leaves
+from kachery.node.errors import LinkClosed as LinkClosed  # re-exported: where a Link raises it
+from kachery.node.errors import NodeError
 from kachery.protocol.session import MAX_FRAME_BYTES, PROTOCOL
-
-from . import wsmask
-from .boundary import PeerFaults, leaves
-from .errors import LinkClosed as LinkClosed  # re-exported: where a Link raises it
-from .errors import NodeError
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +127,7 @@ async def listen(
 ) -> NoReturn:
     """Serve kachery/1 websockets; ``task_status.started(bound port)``; calls ``handler(link)``.
 
-    Whatever a connection raises is contained in ``faults`` (node/boundary.py).
+    Whatever a connection raises is contained in ``faults`` (node/daemon/boundary.py).
     """
 
     async def on_request(request: WebSocketRequest) -> None:

@@ -19,6 +19,9 @@ from typing import Any, TypeVar
 
 import trio
 
+from kachery.node.daemon.peer import Refusal
+from kachery.node.errors import NotPermitted
+from kachery.node.home import NodeHome
 from kachery.protocol.channel import (
     ALL_ROLES,
     Accepted,
@@ -35,10 +38,6 @@ from kachery.protocol.errors import CloseCode, InvalidInput, KacheryError, Remot
 from kachery.protocol.identity import KeyPair
 from kachery.storage.channels import InviteRecord
 from kachery.storage.errors import InviteRefused, NotFound
-
-from .errors import NotPermitted
-from .home import NodeHome
-from .peer import Refusal
 
 log = logging.getLogger(__name__)
 

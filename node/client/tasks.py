@@ -47,6 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kachery.node.client import DaemonClient
+from kachery.node.errors import NodeError, NotPermitted, Unavailable
+from kachery.node.home import NodeHome, default_home
 from kachery.protocol.errors import InvalidInput, KacheryError
 from kachery.protocol.kachery_json import check_json_value
 from kachery.protocol.tasks import (
@@ -63,10 +66,6 @@ from kachery.protocol.tasks import (
 )
 from kachery.protocol.uri import FileURI, parse_file_uri
 from kachery.storage.errors import NotFound
-
-from .client import DaemonClient
-from .errors import NodeError, NotPermitted, Unavailable
-from .home import NodeHome, default_home
 
 log = logging.getLogger(__name__)
 

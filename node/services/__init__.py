@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 if TYPE_CHECKING:
-    from .daemon import Node
+    from kachery.node.daemon.node import Node
 
 
 class Service(Protocol):
@@ -31,9 +31,9 @@ class Service(Protocol):
 
 def build_services(node: Node) -> list[Service]:
     """Create the node's services (each registers its handlers with ``node``)."""
-    from .feeds import FeedService
-    from .files import FileService
-    from .tasks import TaskService
+    from kachery.node.services.feeds import FeedService
+    from kachery.node.services.files import FileService
+    from kachery.node.services.tasks import TaskService
 
     return [
         FileService(node, max_upload_rate=node.max_upload_rate),

@@ -31,6 +31,8 @@ from typing import Any, Protocol
 
 import trio
 
+from kachery.node.daemon.transport import Link
+from kachery.node.errors import LinkClosed, NodeError, NotPermitted, Unavailable
 from kachery.protocol.errors import (
     CloseCode,
     KacheryError,
@@ -54,9 +56,6 @@ from kachery.protocol.session import (
     Welcomed,
     message_plaintext,
 )
-
-from .errors import LinkClosed, NodeError, NotPermitted, Unavailable
-from .transport import Link
 
 log = logging.getLogger(__name__)
 

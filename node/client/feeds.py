@@ -25,13 +25,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from kachery.node.client import DaemonClient
+from kachery.node.home import default_home
 from kachery.protocol.errors import InvalidInput
 from kachery.protocol.kachery_json import JSONValue, subfeed_hash_of_object
 from kachery.protocol.uri import FeedURI, parse_feed_uri
 from kachery.storage.errors import NotFound
-
-from .client import DaemonClient
-from .home import default_home
 
 
 def _client() -> DaemonClient:
