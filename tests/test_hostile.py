@@ -31,6 +31,7 @@ from kachery.protocol.files import CancelData, FindFile, FindFileResponse
 from kachery.protocol.identity import KeyPair
 from kachery.protocol.messages import (
     DocAnnounce,
+    DocPush,
     DocRequest,
     ErrorCode,
     ErrorReply,
@@ -404,3 +405,58 @@ async def test_chaos_during_a_1gb_transfer(tmp_path: Path) -> None:
         assert got.sha1 == entry.sha1
         assert provider.node_id in member.connections  # the honest session survived
         await honest_load(provider, member, tmp_path)
+
+
+async def test_a_removed_admin_cannot_roll_the_membership_back(tmp_path: Path) -> None:
+    """Case 5 through real sockets: Y (an admin, not the owner) signs version v; the owner removes
+    X at v+1; X re-signs a version v of its own that drops the innocent M, ground until its
+    signature is lower than Y's, and shows it in its handshake and (through a member whose key the
+    attacker also holds) in a push. The removal stands and M stays a member, on the owner too."""
+    async with swarm(tmp_path) as s:
+        names = ["victim", "y", "x", "m", "rogue"]
+        victim, y, x, m, rogue = await channel_of(s, names)
+        channel = next(iter(victim.membership.active_channels()))
+        await y.channel_set_roles("lab", m.node_id, ["requestFiles", "provideFiles"])
+        by_y = y.membership.history(channel).version
+        await wait(victim, lambda: victim.membership.history(channel).version == by_y)
+        await victim.channel_remove("lab", x.node_id)
+        removal = victim.membership.history(channel).version
+        assert removal == by_y + 1
+        signed_by_y = victim.membership.history(channel).docs_after(by_y - 1)[0]
+        before_y = victim.membership.history(channel).docs_after(by_y - 2)[0]
+        x_key, rogue_key = x.key, rogue.key
+        s.stop("x")
+        s.stop("rogue")
+        forged = None
+        for t in range(2000):
+            candidate = before_y.doc.without_member(m.node_id, issued_at=before_y.doc.issued_at + t)
+            signed = candidate.sign(x_key)
+            if signed.signature < signed_by_y.signature:
+                forged = signed
+                break
+        assert forged is not None
+        assert forged.doc.version == by_y
+
+        def unchanged() -> None:
+            for node in (victim, y, m):
+                current = node.membership.current(channel)
+                assert current is not None
+                assert current.doc.version == removal
+                assert current.doc.member(x.node_id) is None
+                assert current.doc.member(m.node_id) is not None
+
+        with pytest.raises(HandshakeFailed, match="not a member"):
+            async with dial(victim.addresses[0]) as link:
+                await handshake_as_initiator(
+                    link,
+                    x_key,
+                    expected_peer=victim.node_id,
+                    make_claim=lambda _s, _i: Claim(channels=(channel,), docs=(forged.to_wire(),)),
+                )
+        unchanged()
+        async with session_as(rogue_key, victim, channel) as (link, session):
+            await link.send(session.send_message(DocPush(channel=channel, docs=[forged.to_wire()])))
+            await link.send(session.send_message(DocAnnounce(channel=channel, version=by_y)))
+            await trio.sleep(0.3)  # nothing to wait on: the push changes nothing
+        unchanged()
+        await honest_load(victim, m, tmp_path)
