@@ -23,19 +23,20 @@ import trio
 
 import kachery.node.localapi.server
 from kachery.node.cli.main import parse_duration
-from kachery.node.client import (
+from kachery.node.client import DaemonClient
+from kachery.node.errors import DaemonNotRunning, NodeError, NotPermitted, Unavailable
+from kachery.node.localapi.contract import (
     AUTH_HEADER,
     CLIENT_AUTH_FILE,
     DAEMON_INFO_FILE,
-    DaemonClient,
     DaemonInfo,
     ensure_client_auth,
     read_daemon_info,
     remove_daemon_info,
     write_daemon_info,
 )
-from kachery.node.errors import DaemonNotRunning, NodeError, NotPermitted, Unavailable
-from kachery.node.localapi.server import MethodSpec, StreamResult, exposed, methods_of, serve_api
+from kachery.node.localapi.methods import MethodSpec, StreamResult, exposed, methods_of
+from kachery.node.localapi.server import serve_api
 from kachery.protocol.errors import InvalidInput, KacheryError
 from kachery.storage.errors import AlreadyExists, NotFound
 

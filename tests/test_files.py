@@ -15,7 +15,7 @@ import trio
 
 from kachery.node.daemon.node import Node
 from kachery.node.errors import NotPermitted, Unavailable
-from kachery.node.localapi.server import StreamResult
+from kachery.node.localapi.methods import StreamResult
 from kachery.node.services.files import FileService, _check_range, _PartialFile, _read_blocks
 from kachery.protocol import FileURI, parse_file_uri
 from kachery.protocol.channel import Role

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kachery.node.client import read_daemon_info
+from kachery.node.localapi.contract import read_daemon_info
 from kachery.node.testing import Daemon
 
 

@@ -27,7 +27,7 @@ from kachery.node.client.tasks import describe_exception, store_result
 from kachery.node.daemon.node import Node
 from kachery.node.daemon.peer import PeerConnection, RequestFailed
 from kachery.node.errors import NotPermitted
-from kachery.node.localapi.server import StreamResult
+from kachery.node.localapi.methods import StreamResult
 from kachery.node.services import tasks as tasks_module
 from kachery.node.services.files import FileService
 from kachery.node.services.tasks import TaskService, _Request

@@ -45,7 +45,7 @@ from kachery.node.daemon.peer_manager import DIAL_INTERVAL, Backoff, DialTarget,
 from kachery.node.daemon.transport import DialError, Link, dial, listen
 from kachery.node.errors import NodeError, NotPermitted, Unavailable, lone_error
 from kachery.node.home import NodeHome
-from kachery.node.localapi.server import exposed
+from kachery.node.localapi.methods import exposed
 from kachery.node.services import Service, build_services
 from kachery.protocol.channel import Accepted, Announcement, Invite, SignedDoc, parse_roles
 from kachery.protocol.errors import CloseCode, InvalidInput, KacheryError, RemoteProtocolError
@@ -971,8 +971,13 @@ async def serve_node(
     task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a node and its local API until cancelled or asked to shut down."""
-    from kachery.node.client import remove_daemon_info, write_daemon_info
-    from kachery.node.localapi.server import ensure_client_auth, methods_of, serve_api
+    from kachery.node.localapi.contract import (
+        ensure_client_auth,
+        remove_daemon_info,
+        write_daemon_info,
+    )
+    from kachery.node.localapi.methods import methods_of
+    from kachery.node.localapi.server import serve_api
 
     host, _, port_text = listen.rpartition(":")
     try:

@@ -1,7 +1,8 @@
 """The daemon's local API: a generic RPC over HTTP/1.1 and JSON, on 127.0.0.1 only.
 
 The daemon marks the methods it serves with ``@exposed``; ``methods_of`` collects them into the
-table (name -> bound coroutine function) that ``serve_api`` serves. Each
+table (name -> bound coroutine function) that ``serve_api`` serves (both in methods.py, which the
+services import without the HTTP server). Each
 ``POST /api/<name>`` whose body is a JSON object calls one with those keyword arguments and
 answers ``{"result": ...}``; a streaming method answers NDJSON instead, one ``{"event": ...}``
 line per event, flushed as it happens, and a last line ``{"result": ...}`` or ``{"error": ...}``.
@@ -10,7 +11,7 @@ class (``status_for``), so the client re-raises the same class. Features add met
 table, never HTTP plumbing. ``GET /probe`` answers like kachery-daemon's probe and needs no
 token; ``GET /sha1/<hash>[/<label>]`` is a read-only gateway to stored files, with Range
 support, for browser tools; every other route needs the ``KACHERY-CLIENT-AUTH-CODE`` header
-(``client.py`` keeps the token file). hypercorn's Trio worker serves the small ASGI app below
+(contract.py keeps the token file). hypercorn's Trio worker serves the small ASGI app below
 on the daemon's own loop.
 
 Non-goals: remote access (loopback only, no TLS), browsers (no CORS, no HTML), and being a web
@@ -27,20 +28,17 @@ import logging
 import os
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 
-from kachery.node.client import API_HOST, AUTH_HEADER, KEEP_ALIVE_SECONDS
-from kachery.node.client import (
-    ensure_client_auth as ensure_client_auth,  # the daemon creates the token
-)
 from kachery.node.errors import NodeError, NotPermitted, Unavailable
+from kachery.node.localapi.contract import API_HOST, AUTH_HEADER, KEEP_ALIVE_SECONDS
+from kachery.node.localapi.methods import MethodSpec, StreamResult
 from kachery.protocol.errors import InvalidInput, KacheryError
 from kachery.protocol.uri import FileURI, parse_file_uri
 from kachery.storage.errors import AlreadyExists, NotFound
@@ -57,67 +55,6 @@ GRACEFUL_SECONDS = 2.0
 
 JSON_TYPE = b"application/json"
 NDJSON_TYPE = b"application/x-ndjson"
-
-
-_EXPOSED = "__kachery_api__"
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def exposed(func: F) -> F:
-    """Mark a method of the daemon's control object as served by the API under its own name.
-
-    The method is async and takes JSON-compatible keyword arguments (the request body's keys are
-    the parameter names); it returns a JSON-compatible value whose object keys are camelCase, or
-    it is an async generator and streams (see ``StreamResult``).
-    """
-    setattr(func, _EXPOSED, True)
-    return func
-
-
-@dataclass(frozen=True, slots=True)
-class MethodSpec:
-    """One API method.
-
-    Attributes:
-        func: the bound coroutine function to call with the request's keyword arguments; for a
-            streaming method, a function returning (or a coroutine resolving to) an async
-            iterator of events.
-        streams: answer as NDJSON, one line per event.
-    """
-
-    func: Callable[..., Any]
-    streams: bool = False
-    signature: inspect.Signature = field(init=False, compare=False)
-    """The parameters a call's arguments are checked against (computed once)."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "signature", inspect.signature(self.func))
-
-
-@dataclass(frozen=True, slots=True)
-class StreamResult:
-    """Yield this last from a streaming method to give the call its result (default None)."""
-
-    value: Any
-
-
-def methods_of(*controls: object) -> dict[str, MethodSpec]:
-    """The method table for ``serve_api``: every ``@exposed`` method of the control objects
-    (the node and its services), by name, streaming if it is an async generator function.
-
-    Raises:
-        TypeError: two objects expose the same name (a bug in the daemon).
-    """
-    table: dict[str, MethodSpec] = {}
-    for control in controls:
-        for name in dir(type(control)):
-            func = getattr(control, name, None)
-            if callable(func) and getattr(func, _EXPOSED, False):
-                if name in table:
-                    raise TypeError(f"API method {name!r} is exposed twice")
-                table[name] = MethodSpec(func, streams=inspect.isasyncgenfunction(func))
-    return table
 
 
 _STATUS: tuple[tuple[type[KacheryError], int], ...] = (

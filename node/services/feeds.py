@@ -55,7 +55,7 @@ import trio
 
 from kachery.node.daemon.peer import PeerConnection
 from kachery.node.errors import NotPermitted, Unavailable
-from kachery.node.localapi.server import StreamResult, exposed
+from kachery.node.localapi.methods import StreamResult, exposed
 from kachery.node.services.nonces import NonceReserve
 from kachery.protocol.channel import Role
 from kachery.protocol.errors import CloseCode, InvalidInput, KacheryError

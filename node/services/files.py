@@ -42,7 +42,7 @@ import trio
 from kachery.node.daemon.boundary import PerPeerSlots
 from kachery.node.daemon.peer import PeerConnection, RequestFailed
 from kachery.node.errors import NotPermitted, Unavailable, lone_error
-from kachery.node.localapi.server import StreamResult, exposed
+from kachery.node.localapi.methods import StreamResult, exposed
 from kachery.node.progress import format_bytes
 from kachery.protocol.channel import Role
 from kachery.protocol.errors import CloseCode, InvalidInput, KacheryError
