@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._hex import is_public_key_hex, is_sha1_hex
-from .channel import Role
 from .errors import CloseCode, RemoteProtocolError
 from .messages import Message, MsgType, message
 
@@ -67,7 +66,7 @@ def _check_batch(msg: Any, messages: list[list[bytes]], checkpoints: list[list[A
         raise _bad(f"{type(msg).__name__} carries over {MAX_BATCH_BYTES} bytes of messages")
 
 
-@message(MsgType.FEED_SUBSCRIBE, role=Role.REQUEST_FEEDS)
+@message(MsgType.FEED_SUBSCRIBE)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FeedSubscribe(Message):
     """A follower's request: "I hold ``count`` messages of this subfeed; keep me posted"."""
@@ -114,7 +113,7 @@ class FeedHave(Message):
         _check_count(self, "count", self.count)
 
 
-@message(MsgType.FEED_GET, role=Role.REQUEST_FEEDS)
+@message(MsgType.FEED_GET)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FeedGet(Message):
     """Ask for messages ``start ..`` (at most ``limit``; the answer may hold fewer)."""
@@ -185,7 +184,7 @@ class FeedUnsubscribe(Message):
         _check_subfeed(self)
 
 
-@message(MsgType.FEED_SUBMIT, role=Role.REQUEST_FEEDS)
+@message(MsgType.FEED_SUBMIT)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FeedSubmit(Message):
     """A granted writer asks the feed owner's node to sign and append ``messages``."""

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._hex import is_sha1_hex
-from .channel import Role
 from .errors import RemoteProtocolError
 from .manifest import CHUNK_SIZE, Manifest
 from .messages import Message, MsgType, message
@@ -56,7 +55,7 @@ MAX_PROVIDER_FAILURES = 3
 """Failed pieces after which a provider is not revived for this file even if found again."""
 
 
-@message(MsgType.FIND_FILE, role=Role.REQUEST_FILES)
+@message(MsgType.FIND_FILE)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FindFile(Message):
     """Can you serve the file (or manifest) whose SHA-1 is ``sha1``?"""
@@ -81,7 +80,7 @@ class FindFileResponse(Message):
     manifest_sha1: str | None = None
 
 
-@message(MsgType.GET_DATA, role=Role.REQUEST_FILES)
+@message(MsgType.GET_DATA)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GetData(Message):
     """Send bytes ``[start, end)`` of file ``sha1`` as data frames on ``stream``."""

@@ -8,8 +8,8 @@ reused: a retired message keeps its number, commented out. Each message class is
 
 Requests carry an ``id`` chosen by the sender; the reply (a response or an ``ErrorReply``)
 carries the same ``id``. Requests act inside a channel and carry ``channel``; the receiver checks
-the sender's membership and the role the request's class declares (``Message.ROLE``) before
-reading anything else. Services define their messages in their own modules with ``@message``.
+the sender's membership, and the role its own table of routes names (node/daemon/routes.py),
+before reading anything else. Services define their messages in their own modules with ``@message``.
 
 Non-goal: the handshake (session.py) and what nodes do with messages (node/).
 """
@@ -24,7 +24,6 @@ from enum import IntEnum, StrEnum
 from typing import Any, ClassVar, TypeVar, get_args, get_origin
 
 from ._hex import is_public_key_hex
-from .channel import Role
 from .codec import decode, encode
 from .errors import CloseCode, LocalProtocolError, RemoteProtocolError
 
@@ -91,8 +90,6 @@ class Message:
     TYPE: ClassVar[MsgType]
     REPLY: ClassVar[bool] = False
     """True for responses: they answer the request whose ``id`` they carry."""
-    ROLE: ClassVar[Role | None] = None
-    """For requests: the role the sender needs in the request's channel (None: any member)."""
     AFTER_DATA: ClassVar[bool] = False
     """Sent in order behind bulk data frames (not ahead of them, as control messages are)."""
     REPLY_TYPE: ClassVar[type[Message] | None] = None
@@ -112,7 +109,6 @@ def message(
     *,
     reply: bool = False,
     answers: type[Message] | None = None,
-    role: Role | None = None,
     after_data: bool = False,
 ) -> typing.Callable[[type[M]], type[M]]:
     """Class decorator: register a message class under its type number.
@@ -122,8 +118,6 @@ def message(
         reply: it answers a request (carries that request's ``id``).
         answers: the request class it answers (implies ``reply``): that request's
             ``REPLY_TYPE`` becomes this class, so no other reply type is accepted for it.
-        role: for a request (a message with ``id`` and ``channel`` that is not a reply), the
-            role its sender needs in the channel; None means membership is enough.
         after_data: the message closes a bulk transfer and must not overtake its data frames.
     """
 
@@ -136,7 +130,6 @@ def message(
             answers.REPLY_TYPE = cls
         cls.TYPE = msg_type
         cls.REPLY = reply or answers is not None
-        cls.ROLE = role
         cls.AFTER_DATA = after_data
         _REGISTRY[msg_type] = cls
         return cls

@@ -42,7 +42,6 @@ from enum import StrEnum
 from typing import Any
 
 from ._hex import is_sha1_hex
-from .channel import Role
 from .errors import CloseCode, InvalidInput, LocalProtocolError, RemoteProtocolError
 from .kachery_json import JSONValue, check_json_value, exact_kwargs_digest, task_hash
 from .messages import Message, MsgType, message
@@ -355,7 +354,7 @@ def _check_lease(msg: object, lease_ms: int) -> None:
         raise _bad(f"{type(msg).__name__}.leaseMs {lease_ms} is not 0..{MAX_LEASE_MS}")
 
 
-@message(MsgType.TASK_REQUEST, role=Role.REQUEST_TASKS)
+@message(MsgType.TASK_REQUEST)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskRequest(Message):
     """Run this task (or join its run), and keep me posted with ``TaskStatusBatch``.
@@ -555,7 +554,7 @@ class TaskCancel(Message):
         _check_wire_request_id(self, self.request_id)
 
 
-@message(MsgType.TASK_LOOKUP, role=Role.REQUEST_TASKS)
+@message(MsgType.TASK_LOOKUP)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TaskLookup(Message):
     """Do you hold a result of this task for these exact arguments? Any member may answer."""

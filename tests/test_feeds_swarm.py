@@ -42,7 +42,7 @@ from .test_nonces import first_nonce
 
 
 def feeds(node: Node) -> FeedService:
-    return next(s for s in node.services if isinstance(s, FeedService))
+    return node.services.feeds
 
 
 async def notebook(owner: Node, subfeed: str = "entries") -> tuple[SubfeedRef, str]:

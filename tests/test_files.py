@@ -36,7 +36,7 @@ SLOW = 40e6
 
 
 def files_of(node: Node) -> FileService:
-    return next(s for s in node.services if isinstance(s, FileService))
+    return node.services.files
 
 
 def store_random(
@@ -163,7 +163,7 @@ async def test_find_lists_providers_and_an_unknown_hash_is_not_found(tmp_path: P
         store_path = tmp_path / "copy.bin"
         store_path.write_bytes(entry.path.read_bytes())
         b.home.files.store_path(store_path)
-        found = await c.services[0].file_find(str(entry.uri()))  # type: ignore[attr-defined]
+        found = await c.services.files.file_find(str(entry.uri()))
         assert sorted(p["nodeId"] for p in found) == sorted([a.node_id, b.node_id])
         files_of(c).find_wait = 0.2
         with pytest.raises(NotFound, match="was not found in channel lab"):

@@ -9,6 +9,7 @@ by the test finishing at all, and again by the honest load that follows every at
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import struct
@@ -26,7 +27,7 @@ from kachery.node.daemon.peer import HandshakeFailed, handshake_as_initiator
 from kachery.node.daemon.transport import Link, LinkClosed, dial
 from kachery.protocol.channel import Member
 from kachery.protocol.codec import encode
-from kachery.protocol.feed_messages import FeedPrune
+from kachery.protocol.feed_messages import FeedHave, FeedPrune
 from kachery.protocol.files import CancelData, FindFile, FindFileResponse
 from kachery.protocol.identity import KeyPair
 from kachery.protocol.messages import (
@@ -242,7 +243,7 @@ async def test_a_reply_of_another_type_ends_the_session_not_the_node(tmp_path: P
 async def test_a_fault_injected_into_a_real_nodes_handlers_ends_only_that_session(
     tmp_path: Path,
 ) -> None:
-    """Handlers registered through the node's public registration raise: a request's fault is
+    """Handlers put in the node's table of routes raise: a request's fault is
     answered as an internal error, a one-way message's ends that session, inside the boundary;
     the node serves on (every kind of fault, and the link's, is in tests/test_peer.py)."""
 
@@ -251,8 +252,8 @@ async def test_a_fault_injected_into_a_real_nodes_handlers_ends_only_that_sessio
 
     async with swarm(tmp_path) as s:
         victim, member, rogue_key, channel = await victim_and_member(s)
-        victim.on_request(MsgType.TASK_LOOKUP, boom)  # type: ignore[arg-type]
-        victim.on_message(MsgType.FEED_PRUNE, boom)
+        for msg_type in (MsgType.TASK_LOOKUP, MsgType.FEED_PRUNE):
+            victim.routes[msg_type] = dataclasses.replace(victim.routes[msg_type], handler=boom)
         before = victim.faults.contained
         async with session_as(rogue_key, victim, channel) as (link, session):
             lookup = TaskLookup(
@@ -460,3 +461,28 @@ async def test_a_removed_admin_cannot_roll_the_membership_back(tmp_path: Path) -
             await trio.sleep(0.3)  # nothing to wait on: the push changes nothing
         unchanged()
         await honest_load(victim, m, tmp_path)
+
+
+async def test_one_way_messages_need_the_role_their_route_names(tmp_path: Path) -> None:
+    """A member with requestFiles only sends feed gossip (which needs requestFeeds or
+    provideFeeds): the node drops it before any handler runs, and counts it."""
+    async with swarm(tmp_path) as s:
+        victim, member, rogue = await channel_of(
+            s, ["victim", "member", "rogue"], roles={"rogue": "requestFiles"}
+        )
+        rogue_key, channel = rogue.key, next(iter(victim.membership.active_channels()))
+        s.stop("rogue")
+        await wait(victim, lambda: rogue.node_id not in victim.connections)
+        feed, sub = "3" * 64, "4" * 40
+        async with session_as(rogue_key, victim, channel) as (link, session):
+            for msg in (
+                FeedPrune(channel=channel, feed_id=feed, subfeed_hash=sub),
+                FeedHave(channel=channel, feed_id=feed, subfeed_hash=sub, count=5),
+            ):
+                await link.send(session.send_message(msg))
+            with trio.fail_after(WAIT):
+                while victim.unpermitted_messages < 2:  # noqa: ASYNC110 (polls a counter)
+                    await trio.sleep(0.01)
+        assert victim.unpermitted_messages == 2
+        assert (await victim.status())["messagesRefusedRole"] == 2
+        await honest_load(victim, member, tmp_path)

@@ -52,11 +52,11 @@ TaskFn = Callable[..., Awaitable[Any]]
 
 
 def tasks_of(node: Node) -> TaskService:
-    return next(s for s in node.services if isinstance(s, TaskService))
+    return node.services.tasks
 
 
 def files_of(node: Node) -> FileService:
-    return next(s for s in node.services if isinstance(s, FileService))
+    return node.services.files
 
 
 def direct(

@@ -42,11 +42,12 @@ from kachery.node.daemon.peer import (
     handshake_as_responder,
 )
 from kachery.node.daemon.peer_manager import DIAL_INTERVAL, Backoff, DialTarget, plan_dials
+from kachery.node.daemon.routes import DataHandler, RequestHandler, Route, peer_routes
 from kachery.node.daemon.transport import DialError, Link, dial, listen
 from kachery.node.errors import NodeError, NotPermitted, Unavailable, lone_error
 from kachery.node.home import NodeHome
 from kachery.node.localapi.methods import exposed
-from kachery.node.services import Service, build_services
+from kachery.node.services import Services
 from kachery.protocol.channel import Accepted, Announcement, Invite, SignedDoc, parse_roles
 from kachery.protocol.errors import CloseCode, InvalidInput, KacheryError, RemoteProtocolError
 from kachery.protocol.messages import (
@@ -76,10 +77,6 @@ from kachery.protocol.session import (
 log = logging.getLogger("kachery.node")
 
 T = TypeVar("T")
-RequestHandler = Callable[[PeerConnection, Any], Awaitable[Message]]
-MessageHandler = Callable[[PeerConnection, Any], Awaitable[None]]
-DataHandler = Callable[[PeerConnection, DataReceived], Awaitable[None]]
-
 LOCK_FILE = "daemon.lock"
 _REFUSING_CODES = {
     CloseCode.INVITE_REFUSED,
@@ -140,14 +137,15 @@ class Node:
         self._my_announcement: Announcement | None = None
         self._wake_dialer = trio.Event()
         self._changed = trio.Event()
-        self._request_handlers: dict[MsgType, RequestHandler] = {}
-        self._message_handlers: dict[MsgType, MessageHandler] = {}
-        self._data_handler: DataHandler | None = None
         self._pending_join_names: dict[bytes, str | None] = {}
         self.started_at = time.time()
         self.shutdown_requested = trio.Event()
-        self._register_membership_handlers()
-        self.services: list[Service] = build_services(self)
+        self.unpermitted_messages = 0
+        """One-way messages dropped because their sender lacks the role the route needs."""
+        self.services = Services.build(self, max_upload_rate=max_upload_rate)
+        self.routes: dict[MsgType, Route] = peer_routes(self, self.services)
+        """Every peer message this node serves (node/daemon/routes.py)."""
+        self.on_data: DataHandler = self.services.files.on_data
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -155,16 +153,9 @@ class Node:
         """Run a blocking storage call in a worker thread (bounded by ``db_limiter``)."""
         return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self.db_limiter)
 
-    def on_request(self, msg_type: MsgType, handler: RequestHandler) -> None:
-        """Register the service that answers requests of ``msg_type``."""
-        self._request_handlers[msg_type] = handler
-
-    def on_message(self, msg_type: MsgType, handler: MessageHandler) -> None:
-        """Register the service that acts on one-way messages of ``msg_type``."""
-        self._message_handlers[msg_type] = handler
-
-    def on_data(self, handler: DataHandler) -> None:
-        self._data_handler = handler
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+        """Run ``fn(*args)`` in the background, in the node's nursery."""
+        self.nursery.start_soon(fn, *args)
 
     def notify(self) -> None:
         """Wake everyone waiting in ``wait_until`` (state changed)."""
@@ -199,7 +190,7 @@ class Node:
             self.addresses = self._announce_config or default_addresses(self.listen_host, port)
             self._self_addresses = set(self.addresses) | {f"ws://127.0.0.1:{port}"}
             self._refresh_announcement()
-            for service in self.services:
+            for service in self.services.all():
                 await nursery.start(service.run)
             nursery.start_soon(self._dialer)
             nursery.start_soon(self._announcer)
@@ -558,7 +549,8 @@ class Node:
     def check(self, conn: PeerConnection, msg: Message) -> ErrorReply | None:
         request_id = getattr(msg, "id", 0)
         channel = getattr(msg, "channel", None)
-        if msg.TYPE not in self._request_handlers:
+        route = self.routes.get(msg.TYPE)
+        if route is None or not route.request:
             return ErrorReply(
                 id=request_id,
                 code=ErrorCode.UNSUPPORTED,
@@ -570,7 +562,7 @@ class Node:
                 code=ErrorCode.NOT_A_MEMBER,
                 message="this session does not serve that channel",
             )
-        role = msg.ROLE
+        role = route.role
         if role is not None and role not in self.membership.roles_of(channel, conn.node_id):
             return ErrorReply(
                 id=request_id,
@@ -583,37 +575,35 @@ class Node:
         return None
 
     async def handle_request(self, conn: PeerConnection, msg: Message) -> Message:
-        return await self._request_handlers[msg.TYPE](conn, msg)
+        handler = cast(RequestHandler, self.routes[msg.TYPE].handler)  # check() saw a request
+        return await handler(conn, msg)
 
     async def handle_message(self, conn: PeerConnection, msg: Message) -> None:
-        handler = self._message_handlers.get(msg.TYPE)
-        if handler is not None:
-            await handler(conn, msg)
+        route = self.routes.get(msg.TYPE)
+        if route is None or route.request:
+            return  # a type this node does not serve, or a request sent without an ID
+        if route.role is not None:
+            channel = getattr(msg, "channel", None)
+            if channel not in conn.channels or route.role not in self.membership.roles_of(
+                channel, conn.node_id
+            ):
+                self.unpermitted_messages += 1
+                return
+        await route.handler(conn, msg)
 
     async def handle_data(self, conn: PeerConnection, event: DataReceived) -> None:
-        if self._data_handler is None:
-            await conn.close(CloseCode.PROTOCOL_ERROR, "unexpected data frame")
-            return
-        await self._data_handler(conn, event)
+        await self.on_data(conn, event)
 
     # -- membership gossip ---------------------------------------------------------------------
 
-    def _register_membership_handlers(self) -> None:
-        self.on_request(MsgType.DOC_REQUEST, self._on_doc_request)
-        self.on_request(MsgType.PEER_LIST_REQUEST, self._on_peer_list_request)
-        self.on_message(MsgType.DOC_PUSH, self._on_doc_push)
-        self.on_message(MsgType.DOC_ANNOUNCE, self._on_doc_announce)
-        self.on_message(MsgType.PEER_ANNOUNCE, self._on_peer_announce)
-        self.on_message(MsgType.CHANNEL_LEAVE, self._on_channel_leave)
-
-    async def _on_doc_request(self, conn: PeerConnection, msg: DocRequest) -> DocResponse:
+    async def on_doc_request(self, conn: PeerConnection, msg: DocRequest) -> DocResponse:
         docs = self.membership.history(msg.channel).docs_after(msg.after)
         return DocResponse(id=msg.id, docs=[d.to_wire() for d in docs])
 
-    async def _on_doc_push(self, conn: PeerConnection, msg: DocPush) -> None:
+    async def on_doc_push(self, conn: PeerConnection, msg: DocPush) -> None:
         await self._take_docs(conn, msg.channel, msg.docs)
 
-    async def _on_doc_announce(self, conn: PeerConnection, msg: DocAnnounce) -> None:
+    async def on_doc_announce(self, conn: PeerConnection, msg: DocAnnounce) -> None:
         if (
             self.membership.has(msg.channel)
             and msg.version > self.membership.history(msg.channel).version
@@ -680,7 +670,7 @@ class Node:
             channel=channel, announcements=[a.to_wire() for a in chosen if a is not None]
         )
 
-    async def _on_peer_announce(self, conn: PeerConnection, msg: PeerAnnounce) -> None:
+    async def on_peer_announce(self, conn: PeerConnection, msg: PeerAnnounce) -> None:
         if msg.channel not in conn.channels:
             return
         current = self.membership.current(msg.channel)
@@ -712,14 +702,14 @@ class Node:
         self.notify()
         self._wake_dialer.set()
 
-    async def _on_peer_list_request(
+    async def on_peer_list_request(
         self, conn: PeerConnection, msg: PeerListRequest
     ) -> PeerListResponse:
         return PeerListResponse(
             id=msg.id, announcements=self._announce_message(msg.channel).announcements
         )
 
-    async def _on_channel_leave(self, conn: PeerConnection, msg: ChannelLeave) -> None:
+    async def on_channel_leave(self, conn: PeerConnection, msg: ChannelLeave) -> None:
         conn.channels.discard(msg.channel)
         if not conn.channels:
             await conn.close(CloseCode.NORMAL, "no shared channel left")
@@ -738,8 +728,9 @@ class Node:
             "peers": len(self.connections),
             **self.faults.statistics(),
             "handshakesRefusedBusy": self.refused_handshakes,
+            "messagesRefusedRole": self.unpermitted_messages,
             "channels": [self.membership.describe(c) for c in self.membership.channel_ids()],
-            **{s.name: s.statistics() for s in self.services},
+            **{s.name: s.statistics() for s in self.services.all()},
         }
 
     @exposed
@@ -997,7 +988,7 @@ async def serve_node(
         bound_api = await nursery.start(
             functools.partial(
                 serve_api,
-                methods_of(node, *node.services),
+                methods_of(node, *node.services.all()),
                 node_id=node.node_id,
                 token=token,
                 port=api_port,

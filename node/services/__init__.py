@@ -1,19 +1,24 @@
 """The services a node runs beside membership: files (chunk exchange), feeds, tasks.
 
-A service is built with the node, registers the peer requests and messages it answers
-(``node.on_request``, ``node.on_message``, ``node.on_data``), may run background tasks in the
-node's nursery (``run``), and exposes its local-API methods with ``@exposed``. ``build_services``
-is the one place that lists them.
+A service is built with a ``Host`` (host.py: the narrow view of the node it may use) and the other
+services it needs, may run background tasks in the node's nursery (``run``), and exposes its
+local-API methods with ``@exposed``. Its peer handlers are public methods (``on_<message>``) that
+node/daemon/routes.py lists, with the role each sender needs; a service never registers them
+itself. ``Services`` is the one place that builds them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-if TYPE_CHECKING:
-    from kachery.node.daemon.node import Node
+if TYPE_CHECKING:  # imported when built: the nonce maker process runs from this package
+    from kachery.node.services.feeds import FeedService
+    from kachery.node.services.files import FileService
+    from kachery.node.services.host import Host
+    from kachery.node.services.tasks import TaskService
 
 
 class Service(Protocol):
@@ -29,14 +34,23 @@ class Service(Protocol):
         """Counters for ``kachery-node status`` (trio's ``statistics()`` convention)."""
 
 
-def build_services(node: Node) -> list[Service]:
-    """Create the node's services (each registers its handlers with ``node``)."""
-    from kachery.node.services.feeds import FeedService
-    from kachery.node.services.files import FileService
-    from kachery.node.services.tasks import TaskService
+@dataclass(frozen=True, slots=True)
+class Services:
+    """A node's services, each given what it needs at construction."""
 
-    return [
-        FileService(node, max_upload_rate=node.max_upload_rate),
-        FeedService(node),
-        TaskService(node),
-    ]
+    files: FileService
+    feeds: FeedService
+    tasks: TaskService
+
+    @classmethod
+    def build(cls, host: Host, *, max_upload_rate: float | None = None) -> Services:
+        from kachery.node.services.feeds import FeedService
+        from kachery.node.services.files import FileService
+        from kachery.node.services.tasks import TaskService
+
+        files = FileService(host, max_upload_rate=max_upload_rate)
+        return cls(files=files, feeds=FeedService(host), tasks=TaskService(host, files))
+
+    def all(self) -> tuple[Service, ...]:
+        """In start order (the task service offers its kept results to the file service)."""
+        return (self.files, self.feeds, self.tasks)

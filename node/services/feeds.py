@@ -95,14 +95,14 @@ from kachery.protocol.feeds import (
 )
 from kachery.protocol.identity import SEED_BYTES, SIGNATURE_BYTES, KeyPair, public_key_from_id
 from kachery.protocol.kachery_json import JSONValue
-from kachery.protocol.messages import Message, MsgType, camel_case
+from kachery.protocol.messages import Message, camel_case
 from kachery.protocol.penalties import PenaltyBox
 from kachery.protocol.uri import FeedURI, parse_feed_uri, subfeed_hash
 from kachery.storage.errors import AlreadyExists, NotFound
 from kachery.storage.feeds import FeedStore, Rows, WriteBusy
 
 if TYPE_CHECKING:
-    from kachery.node.daemon.node import Node
+    from kachery.node.services.host import Host
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ class FeedService:
 
     name = "feeds"
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Host) -> None:
         self.node = node
         self.store = FeedStore(node.home.database)
         self.penalties = PenaltyBox()
@@ -320,14 +320,6 @@ class FeedService:
         self._wal_since_checkpoint = 0
         self._wal_checkpointing = False
         self._nursery: trio.Nursery | None = None
-        node.on_request(MsgType.FEED_SUBSCRIBE, self._on_subscribe)
-        node.on_request(MsgType.FEED_GET, self._on_get)
-        node.on_request(MsgType.FEED_SUBMIT, self._on_submit)
-        node.on_message(MsgType.FEED_HAVE, self._on_have)
-        node.on_message(MsgType.FEED_PUSH, self._on_push)
-        node.on_message(MsgType.FEED_UNSUBSCRIBE, self._on_unsubscribe)
-        node.on_message(MsgType.FEED_PRUNE, self._on_prune)
-        node.on_message(MsgType.FEED_GRAFT, self._on_graft)
 
     # -- running -------------------------------------------------------------------------------
 
@@ -1165,9 +1157,7 @@ class FeedService:
             name = self.node.membership.name_of(channel)
             raise NotPermitted(f"this node does not provide feeds in channel {name}")
 
-    async def _on_subscribe(
-        self, conn: PeerConnection, msg: FeedSubscribe
-    ) -> FeedSubscribeResponse:
+    async def on_subscribe(self, conn: PeerConnection, msg: FeedSubscribe) -> FeedSubscribeResponse:
         self._require_provider(msg.channel)
         if self._banned(conn.node_id):
             raise NotPermitted("this node refuses your feed traffic for now")
@@ -1180,28 +1170,23 @@ class FeedService:
         self.node.notify()
         return FeedSubscribeResponse(id=msg.id, count=live.head.count, mesh=mesh)
 
-    def _peer_requests(self, conn: PeerConnection, channel: str) -> bool:
-        return channel in conn.channels and Role.REQUEST_FEEDS in self.node.membership.roles_of(
-            channel, conn.node_id
-        )
-
-    async def _on_prune(self, conn: PeerConnection, msg: FeedPrune) -> None:
+    async def on_prune(self, conn: PeerConnection, msg: FeedPrune) -> None:
         live = self._live.get((msg.feed_id, msg.subfeed_hash))
-        if live is not None and self._peer_requests(conn, msg.channel):
+        if live is not None:  # the node checked the sender's requestFeeds (routes.py)
             live.gossip.pruned(conn.node_id)
 
-    async def _on_graft(self, conn: PeerConnection, msg: FeedGraft) -> None:
+    async def on_graft(self, conn: PeerConnection, msg: FeedGraft) -> None:
         live = self._live.get((msg.feed_id, msg.subfeed_hash))
-        if live is not None and self._peer_requests(conn, msg.channel):
+        if live is not None:
             live.gossip.grafted(conn.node_id)
             self._mark_dirty(live)
 
-    async def _on_unsubscribe(self, conn: PeerConnection, msg: FeedUnsubscribe) -> None:
+    async def on_unsubscribe(self, conn: PeerConnection, msg: FeedUnsubscribe) -> None:
         live = self._live.get((msg.feed_id, msg.subfeed_hash))
         if live is not None:
             live.gossip.unsubscribed(conn.node_id)
 
-    async def _on_get(self, conn: PeerConnection, msg: FeedGet) -> FeedGetResponse:
+    async def on_get(self, conn: PeerConnection, msg: FeedGet) -> FeedGetResponse:
         self._require_provider(msg.channel)
         if self._banned(conn.node_id):
             raise NotPermitted("this node refuses your feed traffic for now")
@@ -1232,8 +1217,8 @@ class FeedService:
             count=count,
         )
 
-    async def _on_have(self, conn: PeerConnection, msg: FeedHave) -> None:
-        if not self._peer_provides(conn, msg.channel) or self._banned(conn.node_id):
+    async def on_have(self, conn: PeerConnection, msg: FeedHave) -> None:
+        if self._banned(conn.node_id):  # its provideFeeds was checked by the node (routes.py)
             return
         live = self._live.get((msg.feed_id, msg.subfeed_hash))
         if live is None or not live.followed:
@@ -1242,9 +1227,9 @@ class FeedService:
         if msg.count > live.head.count:
             self._pull_wake.set()
 
-    async def _on_push(self, conn: PeerConnection, msg: FeedPush) -> None:
-        if not self._peer_provides(conn, msg.channel) or self._banned(conn.node_id):
-            return  # not a provider here (perhaps its role was just removed), or banned
+    async def on_push(self, conn: PeerConnection, msg: FeedPush) -> None:
+        if self._banned(conn.node_id):  # its provideFeeds was checked by the node (routes.py)
+            return
         live = self._live.get((msg.feed_id, msg.subfeed_hash))
         if live is None or not live.followed:
             return
@@ -1256,7 +1241,7 @@ class FeedService:
             live, conn.node_id, msg.channel, msg.start, msg.messages, msg.checkpoints, pushed=True
         )
 
-    async def _on_submit(self, conn: PeerConnection, msg: FeedSubmit) -> FeedSubmitResponse:
+    async def on_submit(self, conn: PeerConnection, msg: FeedSubmit) -> FeedSubmitResponse:
         ref = SubfeedRef(msg.feed_id, msg.subfeed_hash)
         if self._key(ref.feed_id) is None:
             raise NotFound(f"this node does not own feed {ref.feed_id}")

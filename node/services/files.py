@@ -60,7 +60,6 @@ from kachery.protocol.files import (
     pieces_of,
 )
 from kachery.protocol.manifest import HashResult, Manifest, chunk_ranges
-from kachery.protocol.messages import MsgType
 from kachery.protocol.penalties import PenaltyBox
 from kachery.protocol.session import PAYLOAD_ALIGN, DataBlock, DataReceived
 from kachery.protocol.uri import FileURI, parse_file_uri
@@ -69,7 +68,7 @@ from kachery.storage.errors import NotFound, StorageError, StoreFull, is_no_spac
 from kachery.storage.files import FileEntry
 
 if TYPE_CHECKING:
-    from kachery.node.daemon.node import Node
+    from kachery.node.services.host import Host
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +175,7 @@ class FileService:
 
     name = "files"
 
-    def __init__(self, node: Node, *, max_upload_rate: float | None = None) -> None:
+    def __init__(self, node: Host, *, max_upload_rate: float | None = None) -> None:
         self.node = node
         self.files = node.home.files
         self.downloads = node.home.downloads
@@ -199,10 +198,6 @@ class FileService:
         """Other services' sources of small files they keep outside the blob store (the task
         service's results kept in their records): asked, by SHA-1, before the channel; what
         they give is checked against the hash and stored."""
-        node.on_request(MsgType.FIND_FILE, self._on_find)
-        node.on_request(MsgType.GET_DATA, self._on_get_data)
-        node.on_message(MsgType.CANCEL_DATA, self._on_cancel)
-        node.on_data(self._on_data)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -214,7 +209,7 @@ class FileService:
             name = self.node.membership.name_of(channel)
             raise NotPermitted(f"this node does not provide files in channel {name}")
 
-    async def _on_find(self, conn: PeerConnection, msg: FindFile) -> FindFileResponse:
+    async def on_find(self, conn: PeerConnection, msg: FindFile) -> FindFileResponse:
         if Role.PROVIDE_FILES not in self.node.membership.roles_of(msg.channel, self.node.node_id):
             return FindFileResponse(id=msg.id, has=False)
         entry = await self._held(msg.sha1)
@@ -224,7 +219,7 @@ class FileService:
             id=msg.id, has=True, size=entry.size, manifest_sha1=entry.manifest_sha1
         )
 
-    async def _on_get_data(self, conn: PeerConnection, msg: GetData) -> GetDataResponse:
+    async def on_get_data(self, conn: PeerConnection, msg: GetData) -> GetDataResponse:
         self._require_provide(msg.channel)
         entry: FileEntry | None = await self.node.run_sync(self.files.get, msg.sha1)
         if entry is None:
@@ -260,12 +255,12 @@ class FileService:
         log.debug("served %d bytes of %s to %s...", sent, msg.sha1[:12], conn.node_id[:12])
         return GetDataResponse(id=msg.id, sent=sent)
 
-    async def _on_cancel(self, conn: PeerConnection, msg: CancelData) -> None:
+    async def on_cancel(self, conn: PeerConnection, msg: CancelData) -> None:
         key = (conn.node_id, msg.stream)
         if key in self._serving:  # a cancel for a stream never asked for is ignored
             self._cancelled.add(key)
 
-    async def _on_data(self, conn: PeerConnection, event: DataReceived) -> None:
+    async def on_data(self, conn: PeerConnection, event: DataReceived) -> None:
         receiver = self._receivers.get((conn.node_id, event.stream))
         if receiver is not None:
             receiver.put(event.offset, event.payload)
@@ -458,9 +453,7 @@ class FileService:
         log.warning("%s... %s%s", node_id[:16], reason, ban)
         conn = self.node.connections.get(node_id)
         if banned and conn is not None:
-            self.node.nursery.start_soon(
-                conn.close, CloseCode.PROTOCOL_ERROR, "sent corrupt data repeatedly"
-            )
+            self.node.spawn(conn.close, CloseCode.PROTOCOL_ERROR, "sent corrupt data repeatedly")
 
     # -- downloading ---------------------------------------------------------------------------
 

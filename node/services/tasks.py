@@ -59,7 +59,7 @@ from kachery.node.services.files import FileService
 from kachery.protocol.channel import Role
 from kachery.protocol.errors import InvalidInput, KacheryError
 from kachery.protocol.files import MAX_GET_BYTES
-from kachery.protocol.messages import ErrorCode, Message, MsgType
+from kachery.protocol.messages import ErrorCode, Message
 from kachery.protocol.tasks import (
     INLINE_RESULT_BYTES,
     MAX_UPDATES_PER_MESSAGE,
@@ -94,7 +94,7 @@ from kachery.storage.errors import NotFound
 from kachery.storage.tasks import TaskResult, TaskStore
 
 if TYPE_CHECKING:
-    from kachery.node.daemon.node import Node
+    from kachery.node.services.host import Host
 
 log = logging.getLogger(__name__)
 
@@ -352,8 +352,11 @@ class TaskService:
 
     name = "tasks"
 
-    def __init__(self, node: Node, *, lease_seconds: float = LEASE_SECONDS) -> None:
+    def __init__(
+        self, node: Host, files: FileService, *, lease_seconds: float = LEASE_SECONDS
+    ) -> None:
         self.node = node
+        self._files = files
         self.store = TaskStore(node.home.database)
         self.lease_seconds = lease_seconds
         self.no_provider_seconds = NO_PROVIDER_SECONDS
@@ -377,11 +380,6 @@ class TaskService:
         self._held_keys: set[tuple[str, str, str]] | None = None
         """Results recorded here (None until loaded): most lookups are for tasks never
         computed here, and this answers them without a query."""
-        node.on_request(MsgType.TASK_REQUEST, self._on_task_request)
-        node.on_request(MsgType.TASK_LOOKUP, self._on_lookup)
-        node.on_message(MsgType.TASK_STATUS, self._on_status_batch)
-        node.on_message(MsgType.TASK_PROVIDERS, self._on_providers)
-        node.on_message(MsgType.TASK_CANCEL, self._on_cancel)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Announce, flush status updates and renew leases until cancelled."""
@@ -440,10 +438,6 @@ class TaskService:
         """A small result's bytes kept in its record (so `load` of its URI works here)."""
         return await self.node.run_sync(self.store.kept_bytes, sha1)
 
-    @property
-    def _files(self) -> FileService:
-        return next(s for s in self.node.services if isinstance(s, FileService))
-
     def _name(self, channel: str) -> str:
         return self.node.membership.name_of(channel)
 
@@ -456,7 +450,7 @@ class TaskService:
         if not self._has_role(channel, self.node.node_id, Role.PROVIDE_TASKS):
             raise NotPermitted(f"this node does not provide tasks in channel {self._name(channel)}")
 
-    async def _on_task_request(self, conn: PeerConnection, msg: TaskRequest) -> Message:
+    async def on_task_request(self, conn: PeerConnection, msg: TaskRequest) -> Message:
         self._require_provide(msg.channel)
         if self.book.waiting[conn.node_id] >= MAX_WAITING_PER_REQUESTER:
             raise Unavailable(
@@ -755,12 +749,12 @@ class TaskService:
                 if job.queued or job.status is TaskStatus.RUNNING:
                     self._send_updates(job)
 
-    async def _on_cancel(self, conn: PeerConnection, msg: TaskCancel) -> None:
+    async def on_cancel(self, conn: PeerConnection, msg: TaskCancel) -> None:
         self.book.leave(conn.node_id, msg.request_id)
 
     # -- lookups -------------------------------------------------------------------------------
 
-    async def _on_lookup(self, conn: PeerConnection, msg: TaskLookup) -> TaskLookupResponse:
+    async def on_lookup(self, conn: PeerConnection, msg: TaskLookup) -> TaskLookupResponse:
         # A holder that may not serve files could not hand the result over: it says no.
         if not self._has_role(msg.channel, self.node.node_id, Role.PROVIDE_FILES):
             return TaskLookupResponse(id=msg.id, found=False)
@@ -1113,7 +1107,7 @@ class TaskService:
         for key in [k for k, a in self._remote.items() if a.conn not in live]:
             del self._remote[key]
 
-    async def _on_providers(self, conn: PeerConnection, msg: TaskProviders) -> None:
+    async def on_providers(self, conn: PeerConnection, msg: TaskProviders) -> None:
         if msg.channel not in conn.channels:
             return
         if not self._has_role(msg.channel, conn.node_id, Role.PROVIDE_TASKS) and msg.functions:
@@ -1506,7 +1500,7 @@ class TaskService:
             req.set(update.status)
         req.wake()
 
-    async def _on_status_batch(self, conn: PeerConnection, msg: TaskStatusBatch) -> None:
+    async def on_status_batch(self, conn: PeerConnection, msg: TaskStatusBatch) -> None:
         for update in msg.parsed():
             self._apply_update(conn.node_id, update, msg.lease_ms)
 

@@ -85,7 +85,7 @@ def rate(n: int, seconds: float) -> str:
 
 
 def feeds(node: Node) -> FeedService:
-    return next(s for s in node.services if isinstance(s, FeedService))
+    return node.services.feeds
 
 
 class Cluster:
