@@ -671,7 +671,7 @@ def partition(nodes: list[Node], halves: tuple[set[str], set[str]]) -> Callable[
             node.connect = connect  # type: ignore[method-assign]
             node._admit = admit  # type: ignore[method-assign]
             node._backoff.clear()
-            node._wake_dialer.set()
+            node._wake_dialer.ring()
 
     return heal
 

@@ -671,11 +671,13 @@ async def test_a_silent_provider_loses_its_lease_and_the_next_one_runs_the_task(
         )
         tasks_of(p1).lease_seconds = 0.3  # granted in its reply: the requester follows it
 
-        async def lose_status(conn: Any, msg: Any) -> None:  # p1's status news is lost
-            if not isinstance(msg, TaskStatusBatch):
-                await conn.send(msg)
+        send_quietly = PeerConnection.send_quietly
 
-        monkeypatch.setattr(tasks_of(p1), "_send_quietly", lose_status)
+        async def lose_status(conn: PeerConnection, msg: Any) -> None:  # p1's news is lost
+            if not (isinstance(msg, TaskStatusBatch) and conn in p1.connections.values()):
+                await send_quietly(conn, msg)
+
+        monkeypatch.setattr(PeerConnection, "send_quietly", lose_status)
         req = await request(requester, "inc.v1", {"x": x})
         assert result_of(requester, req) == str(x + 1).encode()
         assert req.provider == p2.node_id

@@ -27,11 +27,12 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any, TypeVar, cast
 
 import trio
 
+from kachery.node.changes import Changes, Doorbell
 from kachery.node.daemon.boundary import PeerFaults
 from kachery.node.daemon.membership import Membership, now_ms
 from kachery.node.daemon.peer import (
@@ -135,8 +136,8 @@ class Node:
         self._self_addresses: set[str] = set()
         self._announcements: dict[str, Announcement] = {}
         self._my_announcement: Announcement | None = None
-        self._wake_dialer = trio.Event()
-        self._changed = trio.Event()
+        self._wake_dialer = Doorbell()
+        self.changes = Changes()
         self._pending_join_names: dict[bytes, str | None] = {}
         self.started_at = time.time()
         self.shutdown_requested = trio.Event()
@@ -159,8 +160,7 @@ class Node:
 
     def notify(self) -> None:
         """Wake everyone waiting in ``wait_until`` (state changed)."""
-        self._changed.set()
-        self._changed = trio.Event()
+        self.changes.notify()
 
     def sessions_in(self, channel: str) -> list[PeerConnection]:
         """Open sessions that serve ``channel``."""
@@ -168,8 +168,7 @@ class Node:
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait (without polling) until ``predicate()`` holds after some state change."""
-        while not predicate():
-            await self._changed.wait()
+        await self.changes.wait_until(predicate)
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -236,7 +235,7 @@ class Node:
             self._refresh_announcement()
             for conn in list(self.connections.values()):
                 for channel in conn.channels:
-                    await self._send_quietly(conn, self._announce_message(channel, only_self=True))
+                    await conn.send_quietly(self._announce_message(channel, only_self=True))
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -481,18 +480,14 @@ class Node:
             why = " ".join(str(part) for part in (conn.close_code, conn.close_reason) if part)
             log.info("session with %s... ended%s", conn.node_id[:16], f" ({why})" if why else "")
             self.notify()
-            self._wake_dialer.set()
+            self._wake_dialer.ring()
 
     async def _greet(self, conn: PeerConnection) -> None:
         await self.run_sync(self.home.channels.mark_connected, conn.node_id)
         for channel in sorted(conn.channels):
-            await self._send_quietly(conn, self._announce_message(channel))
+            await conn.send_quietly(self._announce_message(channel))
             history = self.membership.history(channel)
-            await self._send_quietly(conn, DocAnnounce(channel=channel, version=history.version))
-
-    async def _send_quietly(self, conn: PeerConnection, msg: Message) -> None:
-        with suppress(Unavailable):
-            await conn.send(msg)
+            await conn.send_quietly(DocAnnounce(channel=channel, version=history.version))
 
     # -- dialing -------------------------------------------------------------------------------
 
@@ -522,9 +517,7 @@ class Node:
             for target in targets:
                 self._dialing.add(target.key)
                 self.nursery.start_soon(self._dial_target, target, rng.random())
-            with trio.move_on_after(DIAL_INTERVAL):
-                await self._wake_dialer.wait()
-            self._wake_dialer = trio.Event()
+            await self._wake_dialer.wait(deadline=trio.current_time() + DIAL_INTERVAL)
 
     async def _dial_target(self, target: DialTarget, jitter: float) -> None:
         with self.faults.contain(target.node_id or target.address, "dial of"):
@@ -644,7 +637,7 @@ class Node:
             before = set(conn.channels)
             after = self.membership.shared_channels(conn.node_id)
             if push is not None and (channel in before or channel in after):
-                await self._send_quietly(conn, push)  # removed members learn it too
+                await conn.send_quietly(push)  # removed members learn it too
             conn.channels = after
             if not after:
                 label = self.membership.name_of(channel)
@@ -654,9 +647,9 @@ class Node:
                     f"no longer a member of a shared channel ({label})",
                 )
             elif channel in after and channel not in before:
-                await self._send_quietly(conn, self._announce_message(channel))
+                await conn.send_quietly(self._announce_message(channel))
         self.notify()
-        self._wake_dialer.set()
+        self._wake_dialer.ring()
 
     def _announce_message(self, channel: str, *, only_self: bool = False) -> PeerAnnounce:
         current = self.membership.current(channel)
@@ -698,9 +691,9 @@ class Node:
         relay = PeerAnnounce(channel=msg.channel, announcements=[a.to_wire() for a in fresh])
         for other in list(self.connections.values()):
             if other is not conn and msg.channel in other.channels:
-                await self._send_quietly(other, relay)
+                await other.send_quietly(relay)
         self.notify()
-        self._wake_dialer.set()
+        self._wake_dialer.ring()
 
     async def on_peer_list_request(
         self, conn: PeerConnection, msg: PeerListRequest
@@ -838,7 +831,7 @@ class Node:
         channel = self.membership.resolve(name)
         for conn in list(self.connections.values()):
             if channel in conn.channels:
-                await self._send_quietly(conn, ChannelLeave(channel=channel))
+                await conn.send_quietly(ChannelLeave(channel=channel))
         await self.membership.leave(name)
         return {"channelId": channel}
 

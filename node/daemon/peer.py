@@ -539,6 +539,12 @@ class PeerConnection:
             raise Unavailable(f"the session with {self.node_id[:16]}... is closed")
         self._queue_control(msg)
 
+    async def send_quietly(self, msg: Message) -> None:
+        """Send a one-way message if the session is still open (gossip: a closed session needs
+        no news)."""
+        if not self.closed.is_set():
+            self._queue_control(msg)
+
     async def send_data(
         self, stream: int, offset: int, payload: DataBlock | bytes | memoryview
     ) -> None:

@@ -40,7 +40,6 @@ Non-goals: the message format and checks (kachery.protocol.feeds), what to send 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -53,6 +52,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import trio
 
+from kachery.node.changes import Changes, Doorbell
 from kachery.node.daemon.peer import PeerConnection
 from kachery.node.errors import NotPermitted, Unavailable
 from kachery.node.localapi.methods import StreamResult, exposed
@@ -213,7 +213,7 @@ class LiveSubfeed:
     channels: set[str] = field(default_factory=set)
     """Channels this node follows the subfeed in."""
     lock: trio.Lock = field(default_factory=trio.Lock)
-    changed: trio.Event = field(default_factory=trio.Event)
+    changed: Changes = field(default_factory=Changes)
     gossip: SubfeedGossip = field(default_factory=SubfeedGossip)
     recent: _Recent = field(init=False)
     checkpoints: deque[Checkpoint] = field(default_factory=lambda: deque(maxlen=16))
@@ -311,8 +311,8 @@ class FeedService:
         self._verify_limiter = trio.CapacityLimiter(VERIFY_THREADS)
         self._dirty: set[LiveSubfeed] = set()
         self._flush_at: dict[LiveSubfeed, float] = {}
-        self._flush_wake = trio.Event()
-        self._pull_wake = trio.Event()
+        self._flush_wake = Doorbell()
+        self._pull_wake = Doorbell()
         self._queue: list[_Write] = []
         self._committing = False
         self._appenders = 0
@@ -601,14 +601,13 @@ class FeedService:
         live.head = head
         live.recent.extend(start, bodies, signatures)
         live.checkpoints.extend(checkpoints)
-        live.changed.set()
-        live.changed = trio.Event()
+        live.changed.notify()
         if live.gossip.peers:
             self._mark_dirty(live)
 
     def _mark_dirty(self, live: LiveSubfeed) -> None:
         self._dirty.add(live)
-        self._flush_wake.set()
+        self._flush_wake.ring()
 
     # -- appending (the owner) -----------------------------------------------------------------
 
@@ -817,7 +816,7 @@ class FeedService:
             live.stash.clear()
         for i, item in enumerate(items):
             live.stash.setdefault(start + i, (item[0], item[1], peer))
-        self._pull_wake.set()
+        self._pull_wake.ring()
 
     async def _drain_stash(self, live: LiveSubfeed) -> None:
         """Accept stashed messages that now continue the head (lock held)."""
@@ -932,9 +931,7 @@ class FeedService:
         """Push new messages to mesh peers and announce heads to the others, after each change."""
         while True:
             deadline = min(self._flush_at.values(), default=math.inf)
-            with trio.move_on_at(deadline):
-                await self._flush_wake.wait()
-            self._flush_wake = trio.Event()
+            await self._flush_wake.wait(deadline=deadline)
             now = trio.current_time()
             due = [live for live, at in self._flush_at.items() if at <= now]
             for live in due:
@@ -990,7 +987,7 @@ class FeedService:
     def _send(self, conn: PeerConnection, msg: Message) -> None:
         if conn.closed.is_set():
             return
-        self.nursery.start_soon(_send_quietly, conn, msg)
+        self.nursery.start_soon(conn.send_quietly, msg)
 
     # -- gossip: pulling -----------------------------------------------------------------------
 
@@ -1009,9 +1006,7 @@ class FeedService:
                     self.nursery.start_soon(self._pull, live, plan.pull)
                 elif plan.wake_at is not None:
                     wake_at = min(wake_at, plan.wake_at)
-            with trio.move_on_at(wake_at):
-                await self._pull_wake.wait()
-            self._pull_wake = trio.Event()
+            await self._pull_wake.wait(deadline=wake_at)
 
     async def _pull(self, live: LiveSubfeed, pull: Pull) -> None:
         """Fetch ``pull.start .. pull.end`` from one peer, PREFETCH requests in flight."""
@@ -1026,7 +1021,7 @@ class FeedService:
             await self._fetch_range(live, conn, pull)
         finally:
             live.pulling = False
-            self._pull_wake.set()
+            self._pull_wake.ring()
 
     async def _fetch_range(self, live: LiveSubfeed, conn: PeerConnection, pull: Pull) -> None:
         ref = live.ref
@@ -1147,7 +1142,7 @@ class FeedService:
         if conn.closed.is_set() or live.deleted:
             return
         live.gossip.source_added(conn.node_id, channel, reply.count)
-        self._pull_wake.set()
+        self._pull_wake.ring()
         self.node.notify()
 
     # -- peer messages -------------------------------------------------------------------------
@@ -1225,7 +1220,7 @@ class FeedService:
             return
         live.gossip.has(conn.node_id, msg.count)
         if msg.count > live.head.count:
-            self._pull_wake.set()
+            self._pull_wake.ring()
 
     async def on_push(self, conn: PeerConnection, msg: FeedPush) -> None:
         if self._banned(conn.node_id):  # its provideFeeds was checked by the node (routes.py)
@@ -1419,7 +1414,7 @@ class FeedService:
         for key in [k for k in self._live if k[0] == feed_id]:
             live = self._live.pop(key)
             live.deleted = True
-            live.changed.set()
+            live.changed.notify()
             for peer, view in list(live.gossip.peers.items()):
                 conn = self.node.connections.get(peer)
                 if conn is not None and view.source:
@@ -1623,11 +1618,6 @@ def _rows(group: list[_Write]) -> list[Rows]:
     return [
         Rows(w.live.sf, w.start, w.bodies, w.signatures, w.chains, w.checkpoints) for w in group
     ]
-
-
-async def _send_quietly(conn: PeerConnection, msg: Message) -> None:
-    with contextlib.suppress(Unavailable):
-        await conn.send(msg)
 
 
 def _chunks(

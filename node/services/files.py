@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from kachery.node.changes import Changes
 from kachery.node.daemon.boundary import PerPeerSlots
 from kachery.node.daemon.peer import PeerConnection, RequestFailed
 from kachery.node.errors import NotPermitted, Unavailable, lone_error
@@ -853,7 +854,7 @@ class _Download:
         self.providers = providers
         self.only = only
         self.path = service.downloads.partial_path(uri.sha1)
-        self.changed = trio.Event()
+        self.changed = Changes()
         self.written: set[int] = set(plan.verified)
         self.unsynced: set[int] = set()
         self.recorded: set[int] = set(plan.verified)
@@ -870,8 +871,7 @@ class _Download:
 
     def _wake(self) -> None:
         """Wake every task waiting in ``self.changed.wait()`` (they re-check their condition)."""
-        self.changed.set()
-        self.changed = trio.Event()
+        self.changed.notify()
 
     def _progress(self) -> dict[str, Any]:
         elapsed = max(time.monotonic() - self.started, 1e-6)

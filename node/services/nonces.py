@@ -36,6 +36,7 @@ import weakref
 
 import trio
 
+from kachery.node.changes import Doorbell
 from kachery.protocol.identity import NONCE_RANDOM_BYTES, Nonce
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class NonceReserve:
         self._records = b""
         self._at = 0
         self._fd: int | None = None
-        self._wanted = trio.Event()
+        self._wanted = Doorbell()
         self.dry = 0
         self.starts = 0
         self.maker_pid: int | None = None
@@ -102,7 +103,7 @@ class NonceReserve:
     def _read(self) -> bool:
         """Read the next records from the pipe; False if none are there yet."""
         if self._fd is None:
-            self._wanted.set()  # start the maker (or note that it is wanted after a failure)
+            self._wanted.ring()  # start the maker (or note that it is wanted after a failure)
             return False
         try:
             data = os.read(self._fd, READ_RECORDS * RECORD_BYTES)
@@ -120,7 +121,6 @@ class NonceReserve:
             return
         while True:
             await self._wanted.wait()
-            self._wanted = trio.Event()
             if await self._run_maker():
                 await trio.sleep(RESTART_SECONDS)
 

@@ -36,7 +36,6 @@ Non-goals: the wire format and the decisions (kachery.protocol.tasks), SQL
 from __future__ import annotations
 
 import base64
-import contextlib
 import functools
 import hashlib
 import json
@@ -51,6 +50,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
+from kachery.node.changes import Changes, Doorbell
 from kachery.node.daemon.boundary import PerPeerSlots
 from kachery.node.daemon.peer import PeerConnection, RequestFailed
 from kachery.node.errors import NotPermitted, Unavailable
@@ -216,21 +216,18 @@ class _Request:
     reasons: list[str] = field(default_factory=list)
     on_end: Callable[[_Request], None] | None = None
     """Called once, when the request reaches a terminal state."""
-    _changed: trio.Event = field(default_factory=trio.Event)
+    _changes: Changes = field(default_factory=Changes)
 
     @property
     def terminal(self) -> bool:
         return self.status.terminal
 
     def wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        self._changes.notify()
 
     async def wait_until(self, deadline: float) -> None:
         """Wait for a change (or ``deadline``)."""
-        event = self._changed
-        with trio.move_on_at(deadline):
-            await event.wait()
+        await self._changes.wait(deadline=deadline)
 
     def set(self, status: TaskStatus, **fields: Any) -> None:
         if self.terminal:
@@ -369,12 +366,12 @@ class TaskService:
         self._prepared: dict[str, trio.Event] = {}
         self._backend_channels: dict[str, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._outbox: dict[str, dict[tuple[str, str], StatusUpdate]] = {}
-        self._outbox_ready = trio.Event()
+        self._outbox_ready = Doorbell()
         self._remote: dict[tuple[str, str], _Announced] = {}
         self._announced: dict[PeerConnection, dict[str, tuple[int, dict[str, str]]]] = {}
         self._serials: dict[PeerConnection, int] = {}
         self._next_serial = 1
-        self._providers_changed = trio.Event()
+        self._providers_changed = Changes()
         self._peer_slots = PerPeerSlots(REQUESTS_PER_PEER)
         self._fetches = trio.Semaphore(FETCHES_AT_ONCE)
         self._held_keys: set[tuple[str, str, str]] | None = None
@@ -425,10 +422,6 @@ class TaskService:
                 log.warning("task service: %s failed: %s", getattr(fn, "__name__", fn), exc)
 
         self.nursery.start_soon(guarded)
-
-    async def _send_quietly(self, conn: PeerConnection, msg: Message) -> None:
-        with contextlib.suppress(Unavailable):
-            await conn.send(msg)
 
     @property
     def lease_ms(self) -> int:
@@ -717,13 +710,12 @@ class TaskService:
                 self._outbox.setdefault(waiter.node_id, {})[(waiter.channel, waiter.request_id)] = (
                     update
                 )
-                self._outbox_ready.set()
+                self._outbox_ready.ring()
 
     async def _flush_updates(self) -> None:
         """Send queued status updates: one frame per peer and channel per flush (coalesced)."""
         while True:
             await self._outbox_ready.wait()
-            self._outbox_ready = trio.Event()
             outbox, self._outbox = self._outbox, {}
             for node_id, updates in outbox.items():
                 conn = self.node.connections.get(node_id)
@@ -739,7 +731,7 @@ class TaskService:
                             lease_ms=self.lease_ms,
                             updates=wires[at : at + MAX_UPDATES_PER_MESSAGE],
                         )
-                        await self._send_quietly(conn, batch)
+                        await conn.send_quietly(batch)
 
     async def _renew_leases(self) -> None:
         """Every third of the lease, re-send the state of every job still queued or running."""
@@ -1048,8 +1040,7 @@ class TaskService:
     # -- announcing what this node serves ------------------------------------------------------
 
     def _providers_updated(self) -> None:
-        self._providers_changed.set()
-        self._providers_changed = trio.Event()
+        self._providers_changed.notify()
         self.node.notify()
 
     def _session_state(self) -> tuple[Any, ...]:
@@ -1071,8 +1062,7 @@ class TaskService:
 
             await self._announce()
             self._forget_closed()
-            self._providers_changed.set()
-            self._providers_changed = trio.Event()
+            self._providers_changed.notify()
             for req in list(self._requests.values()):
                 if req.attempt is not None and not req.terminal:
                     req.wake()
@@ -1096,7 +1086,7 @@ class TaskService:
                 msg = TaskProviders(
                     channel=channel, generation=self.book.generation, functions=functions
                 )
-                await self._send_quietly(conn, msg)
+                await conn.send_quietly(msg)
 
     def _forget_closed(self) -> None:
         live = set(self.node.connections.values())
@@ -1123,8 +1113,7 @@ class TaskService:
             msg.generation,
             {f: TaskType(t) for f, t in msg.functions.items()},
         )
-        self._providers_changed.set()
-        self._providers_changed = trio.Event()
+        self._providers_changed.notify()
 
     def _candidates(self, function_id: str, channels: list[str]) -> list[Candidate]:
         """Members that serve ``function_id`` in one of ``channels`` now (this node included)."""
@@ -1350,7 +1339,7 @@ class TaskService:
             self.book.leave(self.node.node_id, req.spec.request_id)
             return
         msg = TaskCancel(channel=attempt.candidate.channel, request_id=req.spec.request_id)
-        self.nursery.start_soon(self._send_quietly, attempt.conn, msg)
+        self.nursery.start_soon(attempt.conn.send_quietly, msg)
 
     async def _drive(self, req: _Request) -> None:
         spec = req.spec
@@ -1382,9 +1371,7 @@ class TaskService:
                 if req.failed:
                     wake_at = min(wake_at, *(t for _, t in req.failed.values()))
                 req.set(TaskStatus.WAITING, note=note, provider=None)
-                event = self._providers_changed
-                with trio.move_on_at(wake_at):
-                    await event.wait()
+                await self._providers_changed.wait(deadline=wake_at)
                 continue
             no_provider_since = None
             if chosen.task_type is not spec.task_type:
