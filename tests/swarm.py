@@ -13,6 +13,7 @@ from typing import Any
 
 import trio
 
+from kachery.node.daemon.control import NodeControl
 from kachery.node.daemon.node import Node
 from kachery.node.home import NodeHome
 
@@ -65,13 +66,13 @@ async def until(holds: Callable[[], bool], seconds: float = WAIT) -> None:
 async def lab(s: Swarm, roles: str = "all") -> tuple[Node, Node, Node, str]:
     """An owner and two members who joined by invite."""
     owner = await s.start("owner")
-    info = await owner.channel_create("lab")
+    info = await control(owner).channel_create("lab")
     channel = info["channelId"]
     a = await s.start("a")
     b = await s.start("b")
     for node in (a, b):
-        token = (await owner.channel_invite("lab", roles.split(",")))["token"]
-        await node.channel_join(token)
+        token = (await control(owner).channel_invite("lab", roles.split(",")))["token"]
+        await control(node).channel_join(token)
     return owner, a, b, channel
 
 
@@ -85,14 +86,21 @@ async def channel_of(
     roles = roles or {}
     options = options or {}
     first = await s.start(names[0], **options.get(names[0], {}))
-    await first.channel_create("lab")
+    await control(first).channel_create("lab")
     nodes = [first]
     for name in names[1:]:
         node = await s.start(name, **options.get(name, {}))
-        token = (await first.channel_invite("lab", roles.get(name, "all").split(",")))["token"]
-        await node.channel_join(token)
+        token = (await control(first).channel_invite("lab", roles.get(name, "all").split(",")))[
+            "token"
+        ]
+        await control(node).channel_join(token)
         nodes.append(node)
     for node in nodes:
         others = {n.node_id for n in nodes if n is not node}
         await wait(node, lambda node=node, others=others: others <= set(node.connections))
     return nodes
+
+
+def control(node: Node) -> NodeControl:
+    """The node's control methods (what the local API serves for it)."""
+    return NodeControl(node)

@@ -37,7 +37,7 @@ from kachery.protocol.feeds import (
 from kachery.protocol.uri import subfeed_hash
 from kachery.storage.errors import AlreadyExists, DatabaseError, NotFound
 
-from .swarm import WAIT, Swarm, lab, swarm, until, wait
+from .swarm import WAIT, Swarm, control, lab, swarm, until, wait
 from .test_nonces import first_nonce
 
 
@@ -448,12 +448,12 @@ async def test_request_feeds_is_needed_to_subscribe_and_provide_feeds_to_serve(
 ) -> None:
     async with swarm(tmp_path) as s:
         owner = await s.start("owner")
-        channel = (await owner.channel_create("lab"))["channelId"]
+        channel = (await control(owner).channel_create("lab"))["channelId"]
         reader = await s.start("reader")  # may follow, may not serve
         outsider = await s.start("outsider")  # may neither
         for node, roles in ((reader, ["requestFeeds"]), (outsider, ["requestFiles"])):
-            token = (await owner.channel_invite("lab", roles))["token"]
-            await node.channel_join(token)
+            token = (await control(owner).channel_invite("lab", roles))["token"]
+            await control(node).channel_join(token)
         ref, uri = await notebook(owner)
         await feeds(owner).feed_append(uri, ["secret"])
 
@@ -683,7 +683,9 @@ async def test_a_partitioned_swarm_keeps_reading_and_converges_after_healing(
         owner, a, b, _channel = await lab(s)
         c, d = await s.start("c"), await s.start("d")
         for node in (c, d):
-            await node.channel_join((await owner.channel_invite("lab", ["all"]))["token"])
+            await control(node).channel_join(
+                (await control(owner).channel_invite("lab", ["all"]))["token"]
+            )
         nodes = [owner, a, b, c, d]
         for x in nodes:
             await wait(x, lambda x=x: len(x.connections) == 4)
@@ -728,7 +730,9 @@ async def test_a_late_joiner_catches_up_100k_messages_then_follows_live(tmp_path
         for start in range(0, 100_000, 1000):
             await feeds(owner).append(ref, [{"n": n} for n in range(start, start + 1000)])
         late = await s.start("late")
-        await late.channel_join((await owner.channel_invite("lab", ["all"]))["token"])
+        await control(late).channel_join(
+            (await control(owner).channel_invite("lab", ["all"]))["token"]
+        )
         await feeds(late).feed_subscribe(uri, "lab")
         with trio.fail_after(120):
             await feeds(late).wait_count(ref, 100_000)

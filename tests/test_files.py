@@ -27,7 +27,7 @@ from kachery.storage import NotFound, StoreFull
 from kachery.storage.downloads import Downloads
 from kachery.storage.files import FileEntry
 
-from .swarm import WAIT, channel_of, swarm, wait
+from .swarm import WAIT, channel_of, control, swarm, wait
 from .test_session import established
 
 PIECE = 20_000_000
@@ -405,7 +405,7 @@ async def test_changing_a_members_roles_takes_effect_everywhere(tmp_path: Path) 
         entry, data = store_random(owner, tmp_path, 1000)
         assert (await files_of(member).download(entry.uri())).path.read_bytes() == data
         member.home.files.remove(entry.sha1)
-        await owner.channel_set_roles("lab", member.node_id, ["provideFiles"])
+        await control(owner).channel_set_roles("lab", member.node_id, ["provideFiles"])
         channel = owner.membership.resolve("lab")
         await wait(
             member,
@@ -418,7 +418,7 @@ async def test_changing_a_members_roles_takes_effect_everywhere(tmp_path: Path) 
 async def test_a_member_that_leaves_is_no_longer_served(tmp_path: Path) -> None:
     async with swarm(tmp_path) as s:
         owner, member = await channel_of(s, ["owner", "member"])
-        await member.channel_leave("lab")
+        await control(member).channel_leave("lab")
         assert not member.membership.channel_ids()
         await wait(owner, lambda: member.node_id not in owner.connections)
         await wait(member, lambda: not member.connections)

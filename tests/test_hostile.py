@@ -42,7 +42,7 @@ from kachery.protocol.messages import (
 from kachery.protocol.session import PROTOCOL, Claim, MessageReceived, Session
 from kachery.protocol.tasks import TaskLookup
 
-from .swarm import WAIT, Swarm, channel_of, swarm, wait
+from .swarm import WAIT, Swarm, channel_of, control, swarm, wait
 from .test_files import files_of, store_random
 
 
@@ -417,10 +417,10 @@ async def test_a_removed_admin_cannot_roll_the_membership_back(tmp_path: Path) -
         names = ["victim", "y", "x", "m", "rogue"]
         victim, y, x, m, rogue = await channel_of(s, names)
         channel = next(iter(victim.membership.active_channels()))
-        await y.channel_set_roles("lab", m.node_id, ["requestFiles", "provideFiles"])
+        await control(y).channel_set_roles("lab", m.node_id, ["requestFiles", "provideFiles"])
         by_y = y.membership.history(channel).version
         await wait(victim, lambda: victim.membership.history(channel).version == by_y)
-        await victim.channel_remove("lab", x.node_id)
+        await control(victim).channel_remove("lab", x.node_id)
         removal = victim.membership.history(channel).version
         assert removal == by_y + 1
         signed_by_y = victim.membership.history(channel).docs_after(by_y - 1)[0]
@@ -484,5 +484,5 @@ async def test_one_way_messages_need_the_role_their_route_names(tmp_path: Path) 
                 while victim.unpermitted_messages < 2:  # noqa: ASYNC110 (polls a counter)
                     await trio.sleep(0.01)
         assert victim.unpermitted_messages == 2
-        assert (await victim.status())["messagesRefusedRole"] == 2
+        assert (await control(victim).status())["messagesRefusedRole"] == 2
         await honest_load(victim, member, tmp_path)

@@ -18,7 +18,7 @@ from kachery.protocol import CloseCode, InvalidInput, KeyPair
 from kachery.protocol.channel import Invite, Role
 from kachery.protocol.messages import DocRequest, DocResponse
 
-from .swarm import WAIT, lab, swarm, wait
+from .swarm import WAIT, control, lab, swarm, wait
 
 
 async def test_invited_nodes_join_share_one_document_and_find_each_other(tmp_path: Path) -> None:
@@ -40,16 +40,16 @@ async def test_invited_nodes_join_share_one_document_and_find_each_other(tmp_pat
         # a and b were only told the owner's address; peer exchange lets them meet.
         await wait(a, lambda: b.node_id in a.connections)
         await wait(b, lambda: a.node_id in b.connections)
-        members = await a.channel_members("lab")
+        members = await control(a).channel_members("lab")
         assert {m["nodeId"] for m in members["members"]} == expected
 
 
 async def test_a_non_member_is_refused_during_the_handshake(tmp_path: Path) -> None:
     async with swarm(tmp_path) as s:
         owner = await s.start("owner")
-        await owner.channel_create("lab")
+        await control(owner).channel_create("lab")
         outsider = await s.start("outsider")
-        await outsider.channel_create("elsewhere")
+        await control(outsider).channel_create("elsewhere")
         with pytest.raises(HandshakeFailed, match="not a member of any channel") as info:
             await outsider.connect(owner.addresses[0], expected_peer=owner.node_id)
         assert info.value.code == CloseCode.NOT_A_MEMBER
@@ -61,21 +61,21 @@ async def test_invites_that_are_expired_forged_tampered_or_used_up_say_which(
 ) -> None:
     async with swarm(tmp_path) as s:
         owner = await s.start("owner")
-        await owner.channel_create("lab")
+        await control(owner).channel_create("lab")
         joiner = await s.start("joiner")
         second = await s.start("second")
 
-        expired = (await owner.channel_invite("lab", ["requestFiles"], expires_seconds=0.001))[
-            "token"
-        ]
+        expired = (
+            await control(owner).channel_invite("lab", ["requestFiles"], expires_seconds=0.001)
+        )["token"]
         await trio.sleep(0.01)  # let the 1 ms expiry pass (this is the thing under test)
         with pytest.raises(InvalidInput, match="expired"):
-            await joiner.channel_join(expired)
+            await control(joiner).channel_join(expired)
 
-        token = (await owner.channel_invite("lab", ["requestFiles"], uses=1))["token"]
+        token = (await control(owner).channel_invite("lab", ["requestFiles"], uses=1))["token"]
         tampered = token[:-6] + ("A" if token[-6] != "A" else "B") + token[-5:]
         with pytest.raises(InvalidInput, match=r"tampered|damaged"):
-            await joiner.channel_join(tampered)
+            await control(joiner).channel_join(tampered)
 
         # A token signed by a node that is not the issuing admin: the admin does not know it.
         real = Invite.from_token(token)
@@ -92,7 +92,7 @@ async def test_invites_that_are_expired_forged_tampered_or_used_up_say_which(
             secret=os.urandom(32),
         )
         with pytest.raises(NotPermitted, match="not the admin this invite names"):
-            await joiner.channel_join(forged_invite.to_token(impostor))
+            await control(joiner).channel_join(forged_invite.to_token(impostor))
         forged_for_owner = Invite(
             channel_id=real.channel_id,
             label=real.label,
@@ -110,10 +110,10 @@ async def test_invites_that_are_expired_forged_tampered_or_used_up_say_which(
         with pytest.raises(InvalidInput, match="tampered"):
             Invite.from_token(_resign(forged_for_owner, impostor))
 
-        await joiner.channel_join(token)
+        await control(joiner).channel_join(token)
         assert joiner.membership.is_member(real.channel_id, joiner.node_id)
         with pytest.raises(NotPermitted, match="used up"):
-            await second.channel_join(token)
+            await control(second).channel_join(token)
         assert not second.membership.has(real.channel_id)
 
 
@@ -132,7 +132,7 @@ async def test_a_removed_member_is_cut_off_and_cannot_come_back(tmp_path: Path) 
         owner, a, b, channel = await lab(s)
         await wait(owner, lambda: {a.node_id, b.node_id} <= set(owner.connections))
         await wait(b, lambda: a.node_id in b.connections)
-        await owner.channel_remove("lab", a.node_id)
+        await control(owner).channel_remove("lab", a.node_id)
         await wait(owner, lambda: a.node_id not in owner.connections)
         await wait(
             b, lambda: a.node_id not in b.connections and b.membership.history(channel).version == 4
@@ -150,13 +150,13 @@ async def test_a_removed_member_learns_it_and_stops_reaching_for_that_channel(
     async with swarm(tmp_path) as s:
         owner, a, b, channel = await lab(s)
         await wait(owner, lambda: {a.node_id, b.node_id} <= set(owner.connections))
-        await owner.channel_remove("lab", a.node_id)
+        await control(owner).channel_remove("lab", a.node_id)
         # The signed document that removes a is sent to a before its sessions are closed.
         await wait(a, lambda: not a.membership.is_member(channel, a.node_id))
         assert a.membership.history(channel).version == 4
         assert a.membership.members_to_reach() == {}  # no more dials for this channel
         assert a.membership.active_channels() == []
-        [listed] = await a.channel_list()
+        [listed] = await control(a).channel_list()
         assert (listed["member"], listed["roles"], listed["members"]) == (False, [], 2)
         s.stop("a")
         await wait(owner, lambda: a.node_id not in owner.connections)
@@ -173,10 +173,10 @@ async def test_a_member_removed_while_away_is_told_when_it_comes_back(tmp_path: 
         s.stop("a")
         await wait(owner, lambda: a.node_id not in owner.connections)
         a.home.close()
-        await owner.channel_remove("lab", a.node_id)
-        token = (await owner.channel_invite("lab", ["requestFiles"]))["token"]
+        await control(owner).channel_remove("lab", a.node_id)
+        token = (await control(owner).channel_invite("lab", ["requestFiles"]))["token"]
         late = await s.start("late")
-        await late.channel_join(token)  # joins after the removal: a must not learn of it
+        await control(late).channel_join(token)  # joins after the removal: a must not learn of it
         again = await s.start("a")
         assert again.membership.is_member(channel, again.node_id)  # as it left things
         # It dials the members it knows; they cannot admit it, but they tell it why.

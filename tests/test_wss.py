@@ -16,7 +16,7 @@ import trio
 
 from kachery.node.daemon.transport import DialError, dial
 
-from .swarm import WAIT, swarm, wait
+from .swarm import WAIT, control, swarm, wait
 from .test_files import files_of, store_random
 
 TLS = Path(__file__).parent / "vectors" / "tls"
@@ -61,10 +61,12 @@ async def test_a_member_joins_and_loads_through_a_wss_address(
         proxy = await tls_proxy(s.nursery, target)
         owner = await s.start("owner", announce=[f"wss://127.0.0.1:{proxy}"])
         target["port"] = owner.listen_port
-        await owner.channel_create("lab")
+        await control(owner).channel_create("lab")
         member = await s.start("member")
-        token = (await owner.channel_invite("lab", ["all"]))["token"]
-        await member.channel_join(token)  # dials the announced wss:// address: TLS, then ws
+        token = (await control(owner).channel_invite("lab", ["all"]))["token"]
+        await control(member).channel_join(
+            token
+        )  # dials the announced wss:// address: TLS, then ws
         await wait(member, lambda: owner.node_id in member.connections)
         assert member.connections[owner.node_id].address == f"wss://127.0.0.1:{proxy}"
         entry, data = store_random(owner, tmp_path, 3_000_000)

@@ -637,7 +637,7 @@ def cmd_mutable_list(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_start(args: argparse.Namespace, out: TextIO) -> int:
-    from kachery.node.daemon.node import (
+    from kachery.node.daemon.process import (
         run_daemon,  # here: only `start` needs trio and the network stack
     )
 

@@ -1,40 +1,33 @@
-"""The running node: listener, sessions, membership, gossip, dialer, and the local API.
+"""The running node: listener, sessions, admission, routing, membership gossip and dialer.
 
 ``Node`` is the hub. It accepts and dials websockets, runs the handshake (admitting a peer only
-if it shares a channel with this node, or redeems an invite), keeps one session per peer, routes
-each incoming request through the membership and role check and then to the service registered
-for its type, gossips membership documents and address announcements, and exposes the control
-methods the local API serves (``status``, ``peers``, ``channel_*``).
-
-``run_daemon`` is ``kachery-node start``: one node per home (a lock file refuses a second), the
-local API on 127.0.0.1, ``daemon.json`` for clients, clean shutdown on Ctrl-C.
+if it shares a channel with this node, or redeems an invite), keeps one session per peer, checks
+each incoming message against the table of routes (routes.py: the session must serve its
+channel, the sender hold the role) and hands it to its handler, gossips membership documents and
+address announcements (addresses.py), and dials the members it should hold sessions with. Its
+services see it through ``kachery.node.services.host.Host``; its control methods are control.py;
+the process around it (``kachery-node start``) is process.py.
 
 Non-goal: protocol rules (kachery.protocol) and persistence details (kachery.storage).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
-import fcntl
 import functools
 import logging
-import os
 import random
-import signal
 import socket
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import trio
 
 from kachery.node.changes import Changes, Doorbell
+from kachery.node.daemon.addresses import AddressBook
 from kachery.node.daemon.boundary import PeerFaults
-from kachery.node.daemon.membership import Membership, now_ms
+from kachery.node.daemon.membership import Membership
 from kachery.node.daemon.peer import (
     HandshakeFailed,
     PeerConnection,
@@ -45,12 +38,11 @@ from kachery.node.daemon.peer import (
 from kachery.node.daemon.peer_manager import DIAL_INTERVAL, Backoff, DialTarget, plan_dials
 from kachery.node.daemon.routes import DataHandler, RequestHandler, Route, peer_routes
 from kachery.node.daemon.transport import DialError, Link, dial, listen
-from kachery.node.errors import NodeError, NotPermitted, Unavailable, lone_error
+from kachery.node.errors import NodeError, lone_error
 from kachery.node.home import NodeHome
-from kachery.node.localapi.methods import exposed
 from kachery.node.services import Services
-from kachery.protocol.channel import Accepted, Announcement, Invite, SignedDoc, parse_roles
-from kachery.protocol.errors import CloseCode, InvalidInput, KacheryError, RemoteProtocolError
+from kachery.protocol.channel import Accepted, Invite, SignedDoc
+from kachery.protocol.errors import CloseCode, KacheryError, RemoteProtocolError
 from kachery.protocol.messages import (
     ChannelLeave,
     DocAnnounce,
@@ -78,12 +70,6 @@ from kachery.protocol.session import (
 log = logging.getLogger("kachery.node")
 
 T = TypeVar("T")
-LOCK_FILE = "daemon.lock"
-_REFUSING_CODES = {
-    CloseCode.INVITE_REFUSED,
-    CloseCode.AUTHENTICATION_FAILED,
-    CloseCode.NOT_A_MEMBER,
-}
 MAX_HANDSHAKING = 64
 """Inbound connections still in their handshake at once (unauthenticated: anyone can open one);
 more are closed at once, so a flood cannot hold memory or the event loop."""
@@ -134,11 +120,9 @@ class Node:
         self._dialing: set[str] = set()
         self._backoff: dict[str, Backoff] = {}
         self._self_addresses: set[str] = set()
-        self._announcements: dict[str, Announcement] = {}
-        self._my_announcement: Announcement | None = None
+        self.address_book = AddressBook(home, self.run_sync)
         self._wake_dialer = Doorbell()
         self.changes = Changes()
-        self._pending_join_names: dict[bytes, str | None] = {}
         self.started_at = time.time()
         self.shutdown_requested = trio.Event()
         self.unpermitted_messages = 0
@@ -180,15 +164,14 @@ class Node:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, load state, and keep sessions with channel members until cancelled."""
         await self.membership.load()
-        for announcement in await self.run_sync(self.home.channels.announcements):
-            self._announcements[announcement.node_id] = announcement
+        await self.address_book.load()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             port = await self._listen(nursery)
             self.listen_port = port
             self.addresses = self._announce_config or default_addresses(self.listen_host, port)
             self._self_addresses = set(self.addresses) | {f"ws://127.0.0.1:{port}"}
-            self._refresh_announcement()
+            self.address_book.refresh(self.addresses)
             for service in self.services.all():
                 await nursery.start(service.run)
             nursery.start_soon(self._dialer)
@@ -225,14 +208,10 @@ class Node:
             ) from None
         return port
 
-    def _refresh_announcement(self) -> None:
-        self._my_announcement = Announcement.create(self.key, self.addresses, now_ms())
-        self._announcements[self.node_id] = self._my_announcement
-
     async def _announcer(self) -> None:
         while True:
             await trio.sleep(ANNOUNCE_REFRESH_SECONDS)
-            self._refresh_announcement()
+            self.address_book.refresh(self.addresses)
             for conn in list(self.connections.values()):
                 for channel in conn.channels:
                     await conn.send_quietly(self._announce_message(channel, only_self=True))
@@ -380,9 +359,15 @@ class Node:
         )
 
     async def connect(
-        self, address: str, *, expected_peer: str | None = None, invite: Invite | None = None
+        self,
+        address: str,
+        *,
+        expected_peer: str | None = None,
+        invite: Invite | None = None,
+        join_name: str | None = None,
     ) -> PeerConnection:
-        """Dial ``address`` and open a session (redeeming ``invite`` if given).
+        """Dial ``address`` and open a session (redeeming ``invite`` if given, to join its
+        channel under ``join_name``, by default the name the invite suggests).
 
         The session then runs in the node's nursery; this returns once it is established.
 
@@ -390,7 +375,7 @@ class Node:
             DialError, HandshakeFailed: unreachable, refused (with the reason), or not a member.
         """
         conn: PeerConnection = await self.nursery.start(
-            self._outbound, address, expected_peer, invite
+            self._outbound, address, expected_peer, invite, join_name
         )
         return conn
 
@@ -399,16 +384,22 @@ class Node:
         address: str,
         expected_peer: str | None,
         invite: Invite | None,
+        join_name: str | None,
         task_status: trio.TaskStatus[PeerConnection] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         async with dial(address) as link:
-            conn = await self._open_outbound(link, address, expected_peer, invite)
+            conn = await self._open_outbound(link, address, expected_peer, invite, join_name)
             task_status.started(conn)
             with self.faults.contain(conn.node_id, "session with"):
                 await self._run_connection(conn)
 
     async def _open_outbound(
-        self, link: Link, address: str, expected_peer: str | None, invite: Invite | None
+        self,
+        link: Link,
+        address: str,
+        expected_peer: str | None,
+        invite: Invite | None,
+        join_name: str | None,
     ) -> PeerConnection:
         def make_claim(session: Session, identified: ResponderIdentified) -> Claim:
             if invite is None:
@@ -426,10 +417,9 @@ class Node:
             if invite.channel_id not in admission.channels:
                 await link.close(CloseCode.PROTOCOL_ERROR, "join not confirmed")
                 raise HandshakeFailed(f"{address} did not confirm the join")
-            name = self._pending_join_names.pop(invite.invite_id, None)
             try:
                 await self.membership.joined(
-                    invite.channel_id, name, admission.docs, suggested_name=invite.name
+                    invite.channel_id, join_name, admission.docs, suggested_name=invite.name
                 )
             except KacheryError as exc:
                 await link.close(CloseCode.PROTOCOL_ERROR, str(exc))
@@ -492,7 +482,7 @@ class Node:
     # -- dialing -------------------------------------------------------------------------------
 
     def _known_addresses(self) -> dict[str, list[str]]:
-        found = {n: list(a.addresses) for n, a in self._announcements.items()}
+        found = {n: list(a.addresses) for n, a in self.address_book.by_node.items()}
         for node_id, conn in self.connections.items():
             found.setdefault(node_id, list(conn.listen_addresses))
         return found
@@ -653,15 +643,8 @@ class Node:
 
     def _announce_message(self, channel: str, *, only_self: bool = False) -> PeerAnnounce:
         current = self.membership.current(channel)
-        members = set() if current is None else {m.node_id for m in current.doc.members}
-        chosen = (
-            [self._my_announcement]
-            if only_self
-            else [a for n, a in self._announcements.items() if n in members]
-        )
-        return PeerAnnounce(
-            channel=channel, announcements=[a.to_wire() for a in chosen if a is not None]
-        )
+        doc = None if current is None else current.doc
+        return self.address_book.message(channel, doc, only_self=only_self)
 
     async def on_peer_announce(self, conn: PeerConnection, msg: PeerAnnounce) -> None:
         if msg.channel not in conn.channels:
@@ -669,23 +652,7 @@ class Node:
         current = self.membership.current(msg.channel)
         if current is None:
             return
-        fresh = []
-        for wire in msg.announcements[:1000]:
-            try:
-                announcement = Announcement.from_wire(wire)
-            except RemoteProtocolError as exc:
-                log.info("bad announcement from %s...: %s", conn.node_id[:16], exc)
-                continue
-            if current.doc.member(announcement.node_id) is None:
-                continue  # only members' addresses travel in a channel
-            held = self._announcements.get(announcement.node_id)
-            if held is not None and held.timestamp >= announcement.timestamp:
-                continue
-            if announcement.node_id == self.node_id:
-                continue
-            self._announcements[announcement.node_id] = announcement
-            await self.run_sync(self.home.channels.save_announcement, announcement)
-            fresh.append(announcement)
+        fresh = await self.address_book.take(msg.announcements, current.doc, sender=conn.node_id)
         if not fresh:
             return
         relay = PeerAnnounce(channel=msg.channel, announcements=[a.to_wire() for a in fresh])
@@ -707,167 +674,6 @@ class Node:
         if not conn.channels:
             await conn.close(CloseCode.NORMAL, "no shared channel left")
 
-    # -- control methods (served by the local API) ---------------------------------------------
-
-    @exposed
-    async def status(self) -> dict[str, Any]:
-        return {
-            "nodeId": self.node_id,
-            "home": str(self.home.path),
-            "listen": f"{self.listen_host}:{self.listen_port}",
-            "addresses": self.addresses,
-            "pid": os.getpid(),
-            "uptimeSeconds": round(time.time() - self.started_at, 1),
-            "peers": len(self.connections),
-            **self.faults.statistics(),
-            "handshakesRefusedBusy": self.refused_handshakes,
-            "messagesRefusedRole": self.unpermitted_messages,
-            "channels": [self.membership.describe(c) for c in self.membership.channel_ids()],
-            **{s.name: s.statistics() for s in self.services.all()},
-        }
-
-    @exposed
-    async def peers(self) -> list[dict[str, Any]]:
-        result = []
-        for conn in sorted(self.connections.values(), key=lambda c: c.node_id):
-            stats = conn.statistics()
-            stats["channels"] = [self.membership.name_of(c) for c in sorted(conn.channels)]
-            result.append(stats)
-        return result
-
-    @exposed
-    async def channel_create(self, name: str, label: str | None = None) -> dict[str, Any]:
-        channel = await self.membership.create(name, label, self.addresses)
-        return self.membership.describe(channel)
-
-    @exposed
-    async def channel_invite(
-        self,
-        name: str,
-        roles: list[str],
-        expires_seconds: float | None = None,
-        uses: int | None = None,
-    ) -> dict[str, Any]:
-        token = await self.membership.invite(
-            name,
-            parse_roles(roles),
-            expires_seconds=expires_seconds,
-            uses=uses,
-            addresses=self.addresses,
-        )
-        return {"token": token}
-
-    @exposed
-    async def channel_join(self, token: str, name: str | None = None) -> dict[str, Any]:
-        invite = Invite.from_token(token)
-        if invite.expires_at and now_ms() >= invite.expires_at:
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(invite.expires_at / 1000))
-            raise InvalidInput(f"this invite expired at {when}: ask for a new one")
-        if self.membership.has(invite.channel_id) and self.membership.is_member(
-            invite.channel_id, self.node_id
-        ):
-            return self.membership.describe(invite.channel_id)
-        errors: list[str] = []
-        refused = False
-        for address in invite.bootstrap:
-            self._pending_join_names[invite.invite_id] = name
-            try:
-                await self.connect(address, expected_peer=invite.admin_id, invite=invite)
-            except HandshakeFailed as exc:
-                if exc.code == CloseCode.AUTHENTICATION_FAILED and "dialed node" in str(exc):
-                    errors.append(
-                        f"the node at {address} is not the admin this invite names"
-                        " (a forged invite, or a stale address)"
-                    )
-                else:
-                    errors.append(str(exc))
-                refused = refused or exc.code in _REFUSING_CODES
-                continue
-            except DialError as exc:
-                errors.append(str(exc))
-                continue
-            finally:
-                self._pending_join_names.pop(invite.invite_id, None)
-            self.notify()
-            return self.membership.describe(invite.channel_id)
-        if refused:
-            raise NotPermitted("invite refused: " + "; ".join(errors))
-        raise Unavailable("could not join: " + "; ".join(errors or ["the invite lists no address"]))
-
-    @exposed
-    async def channel_list(self) -> list[dict[str, Any]]:
-        return [self.membership.describe(c) for c in self.membership.channel_ids()]
-
-    @exposed
-    async def channel_members(self, name: str) -> dict[str, Any]:
-        channel = self.membership.resolve(name)
-        current = self.membership.current(channel)
-        members = (
-            []
-            if current is None
-            else [
-                {
-                    **m.to_wire(),
-                    "connected": m.node_id in self.connections,
-                    "self": m.node_id == self.node_id,
-                }
-                for m in current.doc.members
-            ]
-        )
-        return {**self.membership.describe(channel), "members": members}
-
-    @exposed
-    async def channel_set_roles(self, name: str, node_id: str, roles: list[str]) -> dict[str, Any]:
-        signed = await self.membership.set_roles(name, node_id, parse_roles(roles))
-        return {"version": signed.doc.version}
-
-    @exposed
-    async def channel_remove(self, name: str, node_id: str) -> dict[str, Any]:
-        signed = await self.membership.remove(name, node_id)
-        return {"version": signed.doc.version}
-
-    @exposed
-    async def channel_leave(self, name: str) -> dict[str, Any]:
-        channel = self.membership.resolve(name)
-        for conn in list(self.connections.values()):
-            if channel in conn.channels:
-                await conn.send_quietly(ChannelLeave(channel=channel))
-        await self.membership.leave(name)
-        return {"channelId": channel}
-
-    @exposed
-    async def wait_peers(
-        self, node_ids: list[str] | None = None, count: int = 1, within_seconds: float = 30.0
-    ) -> list[dict[str, Any]]:
-        """Wait until connected to all of ``node_ids`` (or to ``count`` peers); return the peers.
-
-        Raises:
-            Unavailable: not so within ``within_seconds``.
-        """
-        wanted = set(node_ids or [])
-
-        def ready() -> bool:
-            connected = set(self.connections)
-            return wanted <= connected if wanted else len(connected) >= count
-
-        with trio.move_on_after(within_seconds):
-            await self.wait_until(ready)
-        if not ready():
-            have = len(self.connections)
-            if wanted:
-                missing = ", ".join(n[:16] + "..." for n in sorted(wanted - set(self.connections)))
-                raise Unavailable(
-                    f"not connected to {missing} within {within_seconds:g} s"
-                    f" ({have} peer{'' if have == 1 else 's'} connected)"
-                )
-            raise Unavailable(f"only {have} of {count} peers connected within {within_seconds:g} s")
-        return await self.peers()
-
-    @exposed
-    async def shutdown(self) -> dict[str, Any]:
-        self.shutdown_requested.set()
-        return {"stopping": True}
-
 
 def default_addresses(host: str, port: int) -> list[str]:
     """Where peers can reach a node listening on ``host:port``, if not told (``--announce``)."""
@@ -881,170 +687,3 @@ def default_addresses(host: str, port: int) -> list[str]:
     except OSError:
         pass
     return found or [f"ws://127.0.0.1:{port}"]
-
-
-# -- kachery-node start ----------------------------------------------------------------------------
-
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
-
-async def _stop_on_signals(
-    node: Node, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Ctrl-C (SIGINT) or SIGTERM (a service manager) starts an orderly shutdown.
-
-    Handling the signal here, rather than letting Trio raise KeyboardInterrupt wherever the
-    daemon happens to be (inside hypercorn, mid-request), makes the stop deterministic. Once the
-    first signal is handled the default behaviour returns: a second Ctrl-C interrupts at once.
-    """
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        task_status.started()
-        async for signum in signals:
-            log.info("%s received: stopping", signal.Signals(signum).name)
-            node.shutdown_requested.set()
-            return
-
-
-def tune_malloc() -> bool:
-    """Let glibc serve the daemon's large, short-lived buffers from its heap.
-
-    By default glibc maps every buffer over 128 KiB fresh from the kernel and unmaps it when
-    freed, so each 256 KiB websocket frame costs ~100 page faults; measured here (two processes
-    over loopback, AEGIS and SHA-1 per frame) that halves to quarters session throughput. Raising
-    the mmap threshold to 4 MiB and the trim threshold to 16 MiB keeps them in the heap, at the
-    price of up to 16 MiB of freed memory held. Returns False where it does not apply (not glibc).
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 4 << 20) and mallopt(_M_TRIM_THRESHOLD, 16 << 20))
-
-
-@contextmanager
-def daemon_lock(home: NodeHome) -> Iterator[None]:
-    """Hold the home's daemon lock, or raise NodeError naming the daemon that holds it."""
-    path = home.path / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise NodeError(
-                f"a kachery-node daemon is already running for {home.path} (pid {holder})"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
-
-
-async def serve_node(
-    home: NodeHome,
-    *,
-    listen: str,
-    api_port: int,
-    announce: list[str],
-    verbose: bool = False,
-    max_upload_rate: float | None = None,
-    task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run a node and its local API until cancelled or asked to shut down."""
-    from kachery.node.localapi.contract import (
-        ensure_client_auth,
-        remove_daemon_info,
-        write_daemon_info,
-    )
-    from kachery.node.localapi.methods import methods_of
-    from kachery.node.localapi.server import serve_api
-
-    host, _, port_text = listen.rpartition(":")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise InvalidInput(f"--listen {listen!r} is not HOST:PORT") from None
-    node = Node(
-        home,
-        listen_host=host or "0.0.0.0",
-        listen_port=port,
-        announce=announce,
-        max_upload_rate=max_upload_rate,
-    )
-    token = ensure_client_auth(home.path)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(node.run)
-        bound_api = await nursery.start(
-            functools.partial(
-                serve_api,
-                methods_of(node, *node.services.all()),
-                node_id=node.node_id,
-                token=token,
-                port=api_port,
-                verbose=verbose,
-                locate=home.files.locate,
-            )
-        )
-        write_daemon_info(
-            home.path,
-            {
-                "pid": os.getpid(),
-                "apiPort": bound_api,
-                "nodeId": node.node_id,
-                "listen": f"{node.listen_host}:{node.listen_port}",
-            },
-        )
-        if threading.current_thread() is threading.main_thread():
-            await nursery.start(_stop_on_signals, node)
-        log.info("local API on 127.0.0.1:%d", bound_api)
-        task_status.started(node)
-        try:
-            await node.shutdown_requested.wait()
-        finally:
-            remove_daemon_info(home.path)
-            nursery.cancel_scope.cancel()
-
-
-def run_daemon(
-    home: NodeHome,
-    *,
-    listen: str,
-    api_port: int,
-    announce: list[str],
-    verbose: bool,
-    max_upload_rate: float | None = None,
-) -> None:
-    """``kachery-node start``: run in the foreground until Ctrl-C (or the ``shutdown`` call).
-
-    Raises:
-        KacheryError: the node could not start (home locked, port busy, bad address), as itself
-            rather than inside the exception group that Trio's nurseries wrap errors in.
-    """
-    logging.getLogger("kachery").setLevel(logging.DEBUG if verbose else logging.INFO)
-    tune_malloc()
-    with daemon_lock(home):
-        home.files.blobs.clean_temp()
-        run = functools.partial(
-            serve_node,
-            home,
-            listen=listen,
-            api_port=api_port,
-            announce=announce,
-            verbose=verbose,
-            max_upload_rate=max_upload_rate,
-        )
-        try:
-            trio.run(run)
-        except BaseException as exc:
-            error = lone_error(exc)
-            if isinstance(error, KeyboardInterrupt):
-                log.info("stopped (Ctrl-C)")
-                return
-            if isinstance(error, KacheryError):
-                raise error from None
-            raise
-        log.info("stopped")

@@ -36,6 +36,7 @@ from typing import Any
 import trio
 
 from kachery.node.client import DaemonClient
+from kachery.node.daemon.control import NodeControl
 from kachery.node.daemon.node import Node
 from kachery.node.home import HOME_ENV, NodeHome
 from kachery.node.services.feeds import FeedService
@@ -101,10 +102,10 @@ class Cluster:
         node = Node(home, listen_host="127.0.0.1", listen_port=0)
         await self.nursery.start(node.run)
         if not self.nodes:
-            await node.channel_create("lab")
+            await NodeControl(node).channel_create("lab")
         else:
-            token = (await self.nodes[0].channel_invite("lab", ["all"]))["token"]
-            await node.channel_join(token)
+            token = (await NodeControl(self.nodes[0]).channel_invite("lab", ["all"]))["token"]
+            await NodeControl(node).channel_join(token)
         self.nodes.append(node)
         return node
 

@@ -24,8 +24,8 @@ import time
 
 import trio
 
-from kachery.node.daemon.node import tune_malloc
 from kachery.node.daemon.peer import handshake_as_initiator, handshake_as_responder
+from kachery.node.daemon.process import tune_malloc
 from kachery.node.daemon.transport import Link, LinkClosed, dial, listen
 from kachery.protocol.identity import KeyPair
 from kachery.protocol.session import Admission, Claim, DataBlock, DataReceived, Session
