@@ -13,7 +13,8 @@ are a message's identity; they travel and are stored as they were signed, never 
 
 **Limits.** ``message`` is at most MAX_MESSAGE_BYTES of canonical CBOR (64 KiB), ``metaData`` at
 most MAX_METADATA_BYTES; integers fit in 64 bits; floats are finite; map keys are strings. A
-received body is refused above MAX_BODY_BYTES before anything else is done with it.
+received body is refused above MAX_BODY_BYTES before anything else is done with it. The value
+checks and their canonical CBOR are feed_values.py.
 
 **Catch-up by checkpoints.** Checking one Ed25519 signature costs ~55 us here (~18k/s per core),
 which alone would cap catch-up below 20k messages/s. So the owner's node also keeps a hash chain
@@ -53,8 +54,7 @@ messages (feed_messages.py).
 from __future__ import annotations
 
 import hashlib
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,22 +62,18 @@ import cbor2
 
 from ._hex import is_public_key_hex, is_sha1_hex
 from .errors import CloseCode, InvalidInput, KacheryError, RemoteProtocolError
+from .feed_values import (
+    MAX_JSON_DEPTH,
+    MAX_MESSAGE_BYTES,
+    MAX_METADATA_BYTES,
+    check_message_value,
+)
 from .identity import SIGNATURE_BYTES, KeyPair, Nonce, verify
 from .kachery_json import JSONValue
-
-MAX_MESSAGE_BYTES = 64 * 1024
-"""Largest message value, as canonical CBOR: a notebook entry or ledger record, not a file (store
-big things as files and append their URI)."""
-
-MAX_METADATA_BYTES = 4096
-"""Largest metaData object, as canonical CBOR (provenance such as who submitted a message)."""
 
 MAX_BODY_BYTES = MAX_MESSAGE_BYTES + MAX_METADATA_BYTES + 512
 """Largest signed body accepted from a peer: the two limits above plus the fixed fields (~300
 bytes); checked before a received body is hashed, verified or decoded."""
-
-MAX_JSON_DEPTH = 64
-"""Deepest nesting in a message (the codec's bound)."""
 
 CHECKPOINT_EVERY_MESSAGES = 500
 """The owner signs a checkpoint at least every this many messages..."""
@@ -100,9 +96,6 @@ BODY_FIELDS = frozenset(
         "metaData",
     }
 )
-
-_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
-"""Integers a message may hold: what a CBOR major type 0/1 item carries without a bignum tag."""
 
 _MAX_NUMBER = 2**63 - 1
 """Largest message number and timestamp (they are stored as signed 64-bit integers)."""
@@ -232,118 +225,6 @@ class Checkpoint:
         ):
             return cls(value[0], value[1], value[2])
         raise FeedRejected("a checkpoint is [count >= 1, 32-byte chainHash, 64-byte signature]")
-
-
-# -- message values ------------------------------------------------------------------------------
-
-
-def check_message_value(value: JSONValue, what: str = "message") -> None:
-    """Raise ``InvalidInput`` naming the first part of ``value`` a feed message cannot carry.
-
-    JSON values only (dicts with string keys, lists, strings, finite floats, booleans, null) and
-    integers within 64 bits.
-    """
-    _check_value(value, what, 0)
-
-
-def _check_value(value: Any, path: str, depth: int) -> None:
-    if depth > MAX_JSON_DEPTH:
-        raise InvalidInput(f"{path} nests deeper than {MAX_JSON_DEPTH} levels")
-    kind = type(value)
-    if kind is str or kind is bool or value is None:
-        return
-    if kind is int:
-        if not _INT_MIN <= value <= _INT_MAX:
-            raise InvalidInput(f"{path} is the integer {value}, which does not fit in 64 bits")
-        return
-    if kind is float:
-        if not math.isfinite(value):
-            raise InvalidInput(f"{path} is {value}, which JSON cannot carry")
-        return
-    if kind is list or kind is tuple:
-        for i, item in enumerate(value):
-            _check_value(item, f"{path}[{i}]", depth + 1)
-        return
-    if kind is dict:
-        for key, item in value.items():
-            if type(key) is not str:
-                raise InvalidInput(f"{path} has a key {key!r} that is not a string")
-            _check_value(item, f"{path}[{key!r}]", depth + 1)
-        return
-    raise InvalidInput(f"{path} is a {kind.__name__}, which is not a JSON value")
-
-
-def _canonical_cbor(value: JSONValue, what: str) -> bytes:
-    """Canonical CBOR of a checked JSON value; a string UTF-8 cannot encode is InvalidInput.
-
-    Python strings may hold lone surrogates (``json.loads('"\\ud800"')`` makes one); UTF-8,
-    and so CBOR and JSON text, cannot carry them. Looked for only when encoding fails, so the
-    common case pays nothing.
-    """
-    try:
-        data: bytes = cbor2.dumps(value, canonical=True)
-    except UnicodeEncodeError:
-        where = _unencodable(value, what) or what
-        raise InvalidInput(
-            f"{where} holds a lone surrogate, which UTF-8 (and so JSON and CBOR) cannot carry"
-        ) from None
-    return data
-
-
-def _unencodable(value: Any, path: str) -> str | None:
-    """The path of the first string (or key) in ``value`` that UTF-8 cannot encode."""
-    if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            return path
-        return None
-    items: Any = ()
-    if isinstance(value, dict):
-        for key in value:
-            if _unencodable(key, "") is not None:
-                return f"{path} key {key!r}"
-        items = ((f"{path}[{k!r}]", v) for k, v in value.items())
-    elif isinstance(value, (list, tuple)):
-        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
-    for where, item in items:
-        found = _unencodable(item, where)
-        if found is not None:
-            return found
-    return None
-
-
-def encode_message_value(value: JSONValue, what: str = "message") -> bytes:
-    """The canonical CBOR of a message value, after checking it is JSON and within the limit.
-
-    Raises:
-        InvalidInput: not a JSON value, or over MAX_MESSAGE_BYTES (the message says which).
-    """
-    check_message_value(value, what)
-    data = _canonical_cbor(value, what)
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise InvalidInput(
-            f"{what} is {len(data):,} bytes as CBOR, over the {MAX_MESSAGE_BYTES:,}-byte limit of a"
-            " feed message: store large data as a file and append its URI"
-        )
-    return data
-
-
-def encode_metadata(value: Mapping[str, JSONValue] | None) -> bytes:
-    """The canonical CBOR of a metaData object (``{}`` if None).
-
-    Raises:
-        InvalidInput: not a JSON object, or over MAX_METADATA_BYTES.
-    """
-    if value is None:
-        return b"\xa0"
-    if not isinstance(value, dict):
-        raise InvalidInput(f"metaData must be a JSON object, not {type(value).__name__}")
-    check_message_value(value, "metaData")
-    data = _canonical_cbor(value, "metaData")
-    if len(data) > MAX_METADATA_BYTES:
-        raise InvalidInput(f"metaData is {len(data):,} bytes, over {MAX_METADATA_BYTES:,}")
-    return data
 
 
 # -- canonical body assembly ---------------------------------------------------------------------
@@ -750,8 +631,8 @@ def _check_fields(ref: SubfeedRef, fields: dict[str, Any], number: int, index: i
     if not isinstance(fields["metaData"], dict):
         raise FeedRejected(f"message {number}'s metaData is not an object", index=index)
     try:
-        _check_value(fields["message"], "message", 0)
-        _check_value(fields["metaData"], "metaData", 0)
+        check_message_value(fields["message"], "message")
+        check_message_value(fields["metaData"], "metaData")
     except InvalidInput as exc:
         raise FeedRejected(f"message {number}: {exc}", index=index) from None
 

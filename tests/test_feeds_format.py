@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 
 from kachery.protocol.codec import encode
 from kachery.protocol.errors import InvalidInput
+from kachery.protocol.feed_values import MAX_MESSAGE_BYTES, encode_message_value, encode_metadata
 from kachery.protocol.feeds import (
     CHECKPOINT_EVERY_MESSAGES,
     MAX_BODY_BYTES,
-    MAX_MESSAGE_BYTES,
     BodyWriter,
     ChainDiverged,
     Checkpoint,
@@ -33,8 +33,6 @@ from kachery.protocol.feeds import (
     SubfeedRef,
     check_message,
     decode_record,
-    encode_message_value,
-    encode_metadata,
     finish_batch,
     first_bad_signature,
     fork_evidence,

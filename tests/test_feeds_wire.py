@@ -23,13 +23,12 @@ from kachery.protocol.feed_messages import (
     FeedSubscribeResponse,
     FeedUnsubscribe,
 )
+from kachery.protocol.feed_values import encode_message_value, encode_metadata
 from kachery.protocol.feeds import (
     Checkpoint,
     FeedSigner,
     Head,
     SubfeedRef,
-    encode_message_value,
-    encode_metadata,
     finish_batch,
     prepare_batch,
 )

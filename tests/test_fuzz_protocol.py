@@ -33,6 +33,7 @@ from kachery.protocol.channel import (
 )
 from kachery.protocol.codec import MAX_DEPTH, decode, encode
 from kachery.protocol.errors import KacheryError, LocalProtocolError
+from kachery.protocol.feed_values import encode_message_value
 from kachery.protocol.feeds import (
     Checkpoint,
     FeedSigner,
@@ -40,7 +41,6 @@ from kachery.protocol.feeds import (
     SubfeedRef,
     check_message,
     decode_record,
-    encode_message_value,
 )
 from kachery.protocol.identity import KeyPair
 from kachery.protocol.manifest import Manifest

@@ -76,6 +76,7 @@ from kachery.protocol.feed_messages import (
     FeedSubscribeResponse,
     FeedUnsubscribe,
 )
+from kachery.protocol.feed_values import encode_message_value, encode_metadata
 from kachery.protocol.feeds import (
     ChainDiverged,
     Checkpoint,
@@ -86,8 +87,6 @@ from kachery.protocol.feeds import (
     PreparedBatch,
     SubfeedRef,
     decode_record,
-    encode_message_value,
-    encode_metadata,
     finish_batch,
     first_bad_signature,
     fork_evidence,
