@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 
 from kachery.protocol.errors import InvalidInput, LocalProtocolError, RemoteProtocolError
 from kachery.protocol.messages import decode_message, encode_message
+from kachery.protocol.task_jobs import JobBook, Waiter
 from kachery.protocol.tasks import (
     INLINE_RESULT_BYTES,
     MAX_KWARGS_BYTES,
     TRANSITIONS,
     Candidate,
-    JobBook,
     Lease,
     ResultKind,
     StatusUpdate,
@@ -32,7 +32,6 @@ from kachery.protocol.tasks import (
     TaskStatus,
     TaskStatusBatch,
     TaskType,
-    Waiter,
     advance,
     choose_provider,
     rank_providers,

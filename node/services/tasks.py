@@ -60,13 +60,12 @@ from kachery.protocol.channel import Role
 from kachery.protocol.errors import InvalidInput, KacheryError
 from kachery.protocol.files import MAX_GET_BYTES
 from kachery.protocol.messages import ErrorCode, Message
+from kachery.protocol.task_jobs import Job, JobBook, Waiter
 from kachery.protocol.tasks import (
     INLINE_RESULT_BYTES,
     MAX_UPDATES_PER_MESSAGE,
     MAX_WAITING_PER_REQUESTER,
     Candidate,
-    Job,
-    JobBook,
     Lease,
     Marker,
     ResultKind,
@@ -81,7 +80,6 @@ from kachery.protocol.tasks import (
     TaskStatus,
     TaskStatusBatch,
     TaskType,
-    Waiter,
     advance,
     check_function_id,
     choose_provider,
