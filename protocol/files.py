@@ -14,7 +14,7 @@ providers duplicate the pieces still in flight (the end game) and the first veri
 wins. A provider that sends bytes that fail verification is dropped for this file. The plan
 does no I/O and reads no clock: the caller passes the time in.
 
-Non-goal: moving bytes (node/services/files.py does) and verifying them (hashlib, in the node).
+Non-goal: moving bytes (node/services/files/ does) and verifying them (hashlib, in the node).
 """
 
 from __future__ import annotations

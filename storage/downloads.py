@@ -3,7 +3,7 @@
 A download writes into one partial file, ``<store>/partial/<sha1>.part``, each piece in place
 after it was verified; the piece's bit in ``downloads.verified`` is set only after the piece's
 bytes were fdatasync'ed, so a download interrupted any way (Ctrl-C, kill -9, reboot) resumes
-without fetching a verified piece again. Non-goal: fetching (node/services/files.py).
+without fetching a verified piece again. Non-goal: fetching (node/services/files/).
 """
 
 from __future__ import annotations

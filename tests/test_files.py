@@ -16,7 +16,8 @@ import trio
 from kachery.node.daemon.node import Node
 from kachery.node.errors import NotPermitted, Unavailable
 from kachery.node.localapi.methods import StreamResult
-from kachery.node.services.files import FileService, _check_range, _PartialFile, _read_blocks
+from kachery.node.services.files.disk import PartialFile, read_blocks
+from kachery.node.services.files.service import FileService, check_range
 from kachery.protocol import FileURI, parse_file_uri
 from kachery.protocol.channel import Role
 from kachery.protocol.errors import InvalidInput
@@ -132,7 +133,7 @@ async def test_load_from_a_named_node_says_why_it_cannot(tmp_path: Path) -> None
         )
         entry, _ = store_random(provider, tmp_path, 1000)
         service = files_of(downloader)
-        service.find_wait = 0.2
+        service.finder.find_wait = 0.2
         with pytest.raises(NotFound, match=r"node deadbeefdeadbeef\.\.\. is not connected"):
             await service.download(entry.uri(), only="deadbeef" * 8)
         with pytest.raises(NotFound, match=r"does not provide files .* shared with this node"):
@@ -148,7 +149,7 @@ async def test_a_uri_naming_an_unknown_manifest_says_so(tmp_path: Path) -> None:
         provider, downloader = await channel_of(s, ["provider", "downloader"])
         entry, _ = store_random(provider, tmp_path, 45_000_000)
         service = files_of(downloader)
-        service.find_wait = 0.2
+        service.finder.find_wait = 0.2
         wrong = parse_file_uri(f"sha1://{entry.sha1}/m.dat?manifest={'1' * 40}")
         with pytest.raises(
             NotFound, match=r"manifest sha1://1{40} that the URI names .* 1 member.s. provide"
@@ -165,7 +166,7 @@ async def test_find_lists_providers_and_an_unknown_hash_is_not_found(tmp_path: P
         b.home.files.store_path(store_path)
         found = await c.services.files.file_find(str(entry.uri()))
         assert sorted(p["nodeId"] for p in found) == sorted([a.node_id, b.node_id])
-        files_of(c).find_wait = 0.2
+        files_of(c).finder.find_wait = 0.2
         with pytest.raises(NotFound, match="was not found in channel lab"):
             await files_of(c).download(FileURI(sha1="0" * 40))
 
@@ -268,7 +269,7 @@ async def test_when_every_provider_goes_the_verified_pieces_wait_for_the_next_at
         path.write_bytes(data)
         entry = provider.home.files.store_path(path)
         service = files_of(downloader)
-        service.find_wait = 0.5
+        service.finder.find_wait = 0.5
         with pytest.raises(Unavailable, match="run the same load again to resume"):
             await download_watching(
                 downloader, entry.uri(), lambda e: e["pieces"] >= 2, lambda: s.stop("provider")
@@ -341,15 +342,15 @@ async def test_a_disk_that_fills_up_mid_load_keeps_the_verified_pieces(
 ) -> None:
     full = True
     written: list[int] = []
-    real_write = _PartialFile.write
+    real_write = PartialFile.write
 
-    def write(partial: _PartialFile, offset: int, frames: list[memoryview]) -> None:
+    def write(partial: PartialFile, offset: int, frames: list[memoryview]) -> None:
         if full and offset >= 2 * PIECE:
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(partial, offset, frames)
         written.append(offset)
 
-    monkeypatch.setattr(_PartialFile, "write", write)
+    monkeypatch.setattr(PartialFile, "write", write)
     async with swarm(tmp_path) as s:
         provider, downloader = await channel_of(s, ["provider", "downloader"])
         entry, data = store_random(provider, tmp_path, 100_000_000)
@@ -449,8 +450,8 @@ async def test_a_bulk_transfer_does_not_starve_control_messages(tmp_path: Path) 
 
 
 def test_a_byte_range_the_file_cannot_give_is_refused_in_words() -> None:
-    assert _check_range(10, None, 100) == (10, 100)
-    assert _check_range(0, 0, 100) == (0, 0)
+    assert check_range(10, None, 100) == (10, 100)
+    assert check_range(0, 0, 100) == (0, 0)
     for start, end, message in [
         (9999999, None, "start 9999999 is past the end of the file (100 bytes)"),
         (0, 101, "end 101 is past the end of the file (100 bytes)"),
@@ -458,7 +459,7 @@ def test_a_byte_range_the_file_cannot_give_is_refused_in_words() -> None:
         (-1, None, "a byte position cannot be negative"),
     ]:
         with pytest.raises(InvalidInput, match=re.escape(message)):
-            _check_range(start, end, 100)
+            check_range(start, end, 100)
 
 
 def test_served_ranges_are_read_straight_into_frame_payloads_split_at_frame_boundaries(
@@ -471,14 +472,14 @@ def test_served_ranges_are_read_straight_into_frame_payloads_split_at_frame_boun
     source.write_bytes(data)
     fd = os.open(source, os.O_RDONLY)
     try:
-        blocks = _read_blocks(fd, 100, len(data) - 100)
+        blocks = read_blocks(fd, 100, len(data) - 100)
         assert blocks is not None
         assert [len(b) for b in blocks] == [DATA_FRAME_BYTES - 100] + [DATA_FRAME_BYTES] * 2 + [
             12345
         ]
         assert b"".join(bytes(b.payload) for b in blocks) == data[100:]
-        assert [len(b) for b in _read_blocks(fd, DATA_FRAME_BYTES, 5) or []] == [5]
-        assert _read_blocks(fd, len(data) - 10, 11) is None  # the file ends first
+        assert [len(b) for b in read_blocks(fd, DATA_FRAME_BYTES, 5) or []] == [5]
+        assert read_blocks(fd, len(data) - 10, 11) is None  # the file ends first
     finally:
         os.close(fd)
 
@@ -519,7 +520,7 @@ def test_a_piece_is_written_in_place_page_aligned_frames_with_o_direct(tmp_path:
     target = tmp_path / "target.part"
     target.write_bytes(b"")
     os.truncate(target, size)
-    partial = _PartialFile(target)
+    partial = PartialFile(target)
     try:
         direct = partial.write(start + len(first), received_frames(second, start + len(first)))
         direct += partial.write(start, received_frames(first, start))
@@ -537,7 +538,7 @@ def test_a_filesystem_that_refuses_o_direct_midway_gets_page_cache_writes(
     target = tmp_path / "target.part"
     target.write_bytes(bytes(4 * DATA_FRAME_BYTES))
     data = os.urandom(4 * DATA_FRAME_BYTES)
-    partial = _PartialFile(target)
+    partial = PartialFile(target)
     if not partial.direct:
         partial.close()
         pytest.skip("this filesystem has no O_DIRECT to refuse")

@@ -227,7 +227,7 @@ def test_direct_libsodium_and_pynacls_public_bindings_agree_frame_for_frame(
 
 
 def test_large_data_payloads_start_on_a_page_boundary_in_memory() -> None:
-    """So the downloader can write them with O_DIRECT without copying (node/services/files.py)."""
+    """So the downloader can write them with O_DIRECT without copying (node/services/files/)."""
     i, r = established()
     for size in (session_module.ALIGNED_FROM, 100_000, 256 * 1024, 4 << 20):
         for _ in range(3):

@@ -29,7 +29,7 @@ from kachery.node.daemon.peer import PeerConnection, RequestFailed
 from kachery.node.errors import NotPermitted
 from kachery.node.localapi.methods import StreamResult
 from kachery.node.services import tasks as tasks_module
-from kachery.node.services.files import FileService
+from kachery.node.services.files.service import FileService
 from kachery.node.services.tasks import TaskService, _Request
 from kachery.protocol.errors import InvalidInput
 from kachery.protocol.kachery_json import task_hash

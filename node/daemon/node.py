@@ -130,7 +130,7 @@ class Node:
         self.services = Services.build(self, max_upload_rate=max_upload_rate)
         self.routes: dict[MsgType, Route] = peer_routes(self, self.services)
         """Every peer message this node serves (node/daemon/routes.py)."""
-        self.on_data: DataHandler = self.services.files.on_data
+        self.on_data: DataHandler = self.services.files.fetcher.on_data
 
     # -- plumbing ------------------------------------------------------------------------------
 

@@ -80,7 +80,7 @@ def peer_routes(node: MembershipHandlers, services: Services) -> dict[MsgType, R
         MsgType.DOC_ANNOUNCE: Route(node.on_doc_announce, None, tell),
         MsgType.PEER_ANNOUNCE: Route(node.on_peer_announce, None, tell),
         MsgType.CHANNEL_LEAVE: Route(node.on_channel_leave, None, tell),
-        # files (node/services/files.py); data frames go to files.on_data
+        # files (node/services/files/); data frames go to files.fetcher.on_data
         MsgType.FIND_FILE: Route(files.on_find, Role.REQUEST_FILES, ask),
         MsgType.GET_DATA: Route(files.on_get_data, Role.REQUEST_FILES, ask),
         MsgType.CANCEL_DATA: Route(files.on_cancel, None, tell),

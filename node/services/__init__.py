@@ -16,7 +16,7 @@ import trio
 
 if TYPE_CHECKING:  # imported when built: the nonce maker process runs from this package
     from kachery.node.services.feeds import FeedService
-    from kachery.node.services.files import FileService
+    from kachery.node.services.files.service import FileService
     from kachery.node.services.host import Host
     from kachery.node.services.tasks import TaskService
 
@@ -45,7 +45,7 @@ class Services:
     @classmethod
     def build(cls, host: Host, *, max_upload_rate: float | None = None) -> Services:
         from kachery.node.services.feeds import FeedService
-        from kachery.node.services.files import FileService
+        from kachery.node.services.files.service import FileService
         from kachery.node.services.tasks import TaskService
 
         files = FileService(host, max_upload_rate=max_upload_rate)

@@ -55,7 +55,7 @@ from kachery.node.daemon.boundary import PerPeerSlots
 from kachery.node.daemon.peer import PeerConnection, RequestFailed
 from kachery.node.errors import NotPermitted, Unavailable
 from kachery.node.localapi.methods import StreamResult, exposed
-from kachery.node.services.files import FileService
+from kachery.node.services.files.service import FileService
 from kachery.protocol.channel import Role
 from kachery.protocol.errors import InvalidInput, KacheryError
 from kachery.protocol.files import MAX_GET_BYTES
