@@ -15,12 +15,14 @@ from typing import Any
 import pytest
 import trio
 
-import kachery.node.services.feeds as feeds_module
+import kachery.node.services.feeds.service as feeds_module
+import kachery.node.services.feeds.writer as writer_module
 from kachery.node.daemon.node import Node
 from kachery.node.daemon.peer import Refusal, RequestFailed
 from kachery.node.daemon.transport import DialError
 from kachery.node.errors import NotPermitted
-from kachery.node.services.feeds import FeedService
+from kachery.node.services.feeds.api import FeedAPI
+from kachery.node.services.feeds.service import FeedService
 from kachery.protocol.codec import encode
 from kachery.protocol.errors import CloseCode, InvalidInput
 from kachery.protocol.feed_messages import FeedGet, FeedPush, FeedSubscribe
@@ -45,8 +47,12 @@ def feeds(node: Node) -> FeedService:
     return node.services.feeds
 
 
+def feed_api(node: Node) -> FeedAPI:
+    return node.services.feed_api
+
+
 async def notebook(owner: Node, subfeed: str = "entries") -> tuple[SubfeedRef, str]:
-    feed_id = (await feeds(owner).feed_create("notebook"))["feedId"]
+    feed_id = (await feed_api(owner).feed_create("notebook"))["feedId"]
     return SubfeedRef(feed_id, subfeed_hash(subfeed)), f"feed://{feed_id}/{subfeed}"
 
 
@@ -64,7 +70,7 @@ async def followed_by(follower: Node, owner: Node, ref: SubfeedRef) -> None:
     """Wait until ``follower`` has subscribed through ``owner`` (it is a source there)."""
 
     def ready() -> bool:
-        live = feeds(owner)._live.get((ref.feed_id, ref.subfeed_hash))
+        live = feeds(owner).live.get((ref.feed_id, ref.subfeed_hash))
         return live is not None and follower.node_id in live.gossip.peers
 
     await wait(owner, ready)
@@ -78,7 +84,7 @@ async def test_local_feeds_are_created_named_appended_read_listed_and_deleted(
 ) -> None:
     async with swarm(tmp_path) as s:
         node = await s.start("lab")
-        f = feeds(node)
+        f = feed_api(node)
         created = await f.feed_create("notebook")
         assert (await f.feed_create("notebook", exist_ok=True))["feedId"] == created["feedId"]
         with pytest.raises(AlreadyExists, match="notebook"):
@@ -124,22 +130,22 @@ async def test_a_feed_key_is_private_to_its_node_and_only_its_owner_appends(
         ref, uri = await notebook(owner)
         key_file = owner.home.path / "keys" / f"feed-{ref.feed_id}"
         assert key_file.stat().st_mode & 0o777 == 0o600
-        await feeds(a).feed_subscribe(uri, "lab")
+        await feed_api(a).feed_subscribe(uri, "lab")
         with pytest.raises(NotPermitted, match="not owned by this node"):
-            await feeds(a).feed_append(uri, ["forged"])
+            await feed_api(a).feed_append(uri, ["forged"])
 
 
 async def test_appended_messages_survive_a_restart(tmp_path: Path) -> None:
     async with swarm(tmp_path) as s:
         node = await s.start("lab")
         ref, uri = await notebook(node)
-        await feeds(node).feed_append(uri, [1, 2, 3])
+        await feed_api(node).feed_append(uri, [1, 2, 3])
         s.stop("lab")
         await wait(node, lambda: feeds(node)._nursery is not None)
         node.home.close()
         again = await s.start("lab")
-        await feeds(again).feed_append(uri, [4])
-        read = await feeds(again).feed_read(uri)
+        await feed_api(again).feed_append(uri, [4])
+        read = await feed_api(again).feed_read(uri)
         assert [m["message"] for m in read["messages"]] == [1, 2, 3, 4]
         assert feeds(again).count(ref) == 4
 
@@ -147,7 +153,7 @@ async def test_appended_messages_survive_a_restart(tmp_path: Path) -> None:
 async def stored_chain(f: FeedService, ref: SubfeedRef) -> list[Any]:
     """Every stored message of a subfeed, checked as a peer would: signatures, numbers, links,
     stored chain values and checkpoints. Returns the message values."""
-    live = f._live[(ref.feed_id, ref.subfeed_hash)]
+    live = f.live[(ref.feed_id, ref.subfeed_hash)]
     count = f.count(ref)
     items = await trio.to_thread.run_sync(f.store.read, live.sf, 0, count)
     assert len(items) == count
@@ -232,14 +238,14 @@ async def test_the_wal_is_checkpointed_after_so_many_bytes_of_commits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A one-message commit counts ~5.6 KB (it rewrites a page); 200 messages count their bytes.
-    assert 5_000 < feeds_module.wal_bytes(1, 400) < 6_000
-    assert feeds_module.wal_bytes(200, 80_000) > 90_000
-    monkeypatch.setattr(feeds_module, "WAL_CHECKPOINT_BYTES", 30_000)
+    assert 5_000 < writer_module.wal_bytes(1, 400) < 6_000
+    assert writer_module.wal_bytes(200, 80_000) > 90_000
+    monkeypatch.setattr(writer_module, "WAL_CHECKPOINT_BYTES", 30_000)
     async with swarm(tmp_path) as s:
         node = await s.start("lab")
         f = feeds(node)
         ref, _ = await notebook(node)
-        checkpoint, run_checkpoint = f.store.checkpoint_wal, f._checkpoint_wal
+        checkpoint, run_checkpoint = f.store.checkpoint_wal, f.writer._checkpoint_wal
         passes = 0
         finished = trio.Event()
 
@@ -253,10 +259,10 @@ async def test_the_wal_is_checkpointed_after_so_many_bytes_of_commits(
             finished.set()
 
         monkeypatch.setattr(f.store, "checkpoint_wal", counted)
-        monkeypatch.setattr(f, "_checkpoint_wal", observed)
+        monkeypatch.setattr(f.writer, "_checkpoint_wal", observed)
         for i in range(4):  # ~23 KB: not yet
             await f.append(ref, [i])
-        assert not f._wal_checkpointing
+        assert not f.writer._wal_checkpointing
         for i in range(4):
             await f.append(ref, [i])
         with trio.fail_after(WAIT):
@@ -272,7 +278,7 @@ async def test_the_wal_is_checkpointed_after_so_many_bytes_of_commits(
 async def test_a_wal_checkpoint_completes_while_appends_go_on_so_the_wal_starts_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(feeds_module, "WAL_CHECKPOINT_BYTES", 2**60)  # only the one run here
+    monkeypatch.setattr(writer_module, "WAL_CHECKPOINT_BYTES", 2**60)  # only the one run here
     async with swarm(tmp_path) as s:
         node = await s.start("lab")
         f = feeds(node)
@@ -291,7 +297,7 @@ async def test_a_wal_checkpoint_completes_while_appends_go_on_so_the_wal_starts_
                     trio.from_thread.run(f.append, ref, [f"during {i}"])
 
         monkeypatch.setattr(f.store, "checkpoint_wal", checkpoint_while_appending)
-        await f._checkpoint_wal()
+        await f.writer._checkpoint_wal()
         await f.append(ref, ["after"])  # starts the WAL over if the checkpoint reached its end
         path = f.store.db.engine.url.database
         assert path is not None
@@ -317,15 +323,15 @@ async def test_a_subscriber_follows_live_and_watchers_see_each_message_as_it_arr
     async with swarm(tmp_path) as s:
         owner, a, _b, _channel = await lab(s)
         ref, uri = await notebook(owner)
-        await feeds(owner).feed_append(uri, [{"entry": 0}])
-        assert await feeds(a).feed_subscribe(uri, "lab") == {"count": 0, "channel": "lab"}
+        await feed_api(owner).feed_append(uri, [{"entry": 0}])
+        assert await feed_api(a).feed_subscribe(uri, "lab") == {"count": 0, "channel": "lab"}
         await has(a, ref, 1)
         seen: list[Any] = []
         seen_changed = trio.Event()
 
         async def watcher() -> None:
             nonlocal seen_changed
-            async for record in feeds(a).feed_watch(uri, start=0):
+            async for record in feed_api(a).feed_watch(uri, start=0):
                 assert isinstance(record, dict)
                 seen.append(record["message"])
                 seen_changed.set()
@@ -334,7 +340,7 @@ async def test_a_subscriber_follows_live_and_watchers_see_each_message_as_it_arr
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watcher)
             for i in range(1, 20):
-                await feeds(owner).feed_append(uri, [{"entry": i}])
+                await feed_api(owner).feed_append(uri, [{"entry": i}])
                 with trio.fail_after(WAIT):
                     while len(seen) < i + 1:  # each message reaches the watcher before the next
                         await seen_changed.wait()
@@ -349,11 +355,11 @@ async def test_messages_signed_with_precomputed_nonces_are_verified_one_by_one_b
     async with swarm(tmp_path) as s:
         owner, a, _b, _channel = await lab(s)
         ref, uri = await notebook(owner)
-        await feeds(owner).feed_append(uri, ["first"])  # the first take starts the nonce maker
+        await feed_api(owner).feed_append(uri, ["first"])  # the first take starts the nonce maker
         await first_nonce(feeds(owner).nonces)
         await until(lambda: feeds(owner).nonces.ready() >= 300)  # ahead of the appends below
-        feeds(a).verify_every_signature = True  # no checkpoint shortcut: every signature
-        await feeds(a).feed_subscribe(uri, "lab")
+        feeds(a).receiver.verify_every_signature = True  # no checkpoint shortcut: every signature
+        await feed_api(a).feed_subscribe(uri, "lab")
         await followed_by(a, owner, ref)
         for i in range(50):
             await feeds(owner).append(ref, [i])
@@ -362,7 +368,7 @@ async def test_messages_signed_with_precomputed_nonces_are_verified_one_by_one_b
         await has(a, ref, 301)
         assert feeds(a).stats.offences == 0
         assert feeds(a).stats.verified_one_by_one >= 300
-        read = await feeds(a).feed_read(uri, start=0, limit=400)
+        read = await feed_api(a).feed_read(uri, start=0, limit=400)
         assert [m["message"] for m in read["messages"]] == ["first", *range(300)]
 
 
@@ -370,16 +376,16 @@ async def test_a_follower_waits_with_wait_msec_for_the_next_message(tmp_path: Pa
     async with swarm(tmp_path) as s:
         owner, a, _b, _channel = await lab(s)
         ref, uri = await notebook(owner)
-        await feeds(a).feed_subscribe(uri, "lab")
+        await feed_api(a).feed_subscribe(uri, "lab")
         await followed_by(a, owner, ref)
         async with trio.open_nursery() as nursery:
             result: dict[str, Any] = {}
 
             async def reader() -> None:
-                result.update(await feeds(a).feed_read(uri, start=0, wait_msec=WAIT * 1000))
+                result.update(await feed_api(a).feed_read(uri, start=0, wait_msec=WAIT * 1000))
 
             nursery.start_soon(reader)
-            await feeds(owner).feed_append(uri, ["hello"])
+            await feed_api(owner).feed_append(uri, ["hello"])
         assert [m["message"] for m in result["messages"]] == ["hello"]
 
 
@@ -387,15 +393,15 @@ async def test_any_member_can_serve_a_feed_not_only_its_owner(tmp_path: Path) ->
     async with swarm(tmp_path) as s:
         owner, a, b, _channel = await lab(s)
         ref, uri = await notebook(owner)
-        await feeds(owner).feed_append(uri, list(range(1200)))
-        await feeds(a).feed_subscribe(uri, "lab")
+        await feed_api(owner).feed_append(uri, list(range(1200)))
+        await feed_api(a).feed_subscribe(uri, "lab")
         await has(a, ref, 1200)
         s.stop("owner")
         await wait(a, lambda: owner.node_id not in a.connections)
         await wait(b, lambda: owner.node_id not in b.connections)
-        await feeds(b).feed_subscribe(uri, "lab")
+        await feed_api(b).feed_subscribe(uri, "lab")
         await has(b, ref, 1200)  # relayed by a, verified by b (checkpoints travel too)
-        read = await feeds(b).feed_read(uri, start=1199)
+        read = await feed_api(b).feed_read(uri, start=1199)
         assert read["messages"][0]["message"] == 1199
         assert feeds(b).stats.proven_by_checkpoint >= 1000
 
@@ -404,16 +410,16 @@ async def test_following_resumes_after_a_restart(tmp_path: Path) -> None:
     async with swarm(tmp_path) as s:
         owner, a, _b, _channel = await lab(s)
         ref, uri = await notebook(owner)
-        await feeds(a).feed_subscribe(uri, "lab")
-        await feeds(owner).feed_append(uri, ["before"])
+        await feed_api(a).feed_subscribe(uri, "lab")
+        await feed_api(owner).feed_append(uri, ["before"])
         await has(a, ref, 1)
         s.stop("a")
         await wait(owner, lambda: a.node_id not in owner.connections)
         a.home.close()
-        await feeds(owner).feed_append(uri, ["while away"])
+        await feed_api(owner).feed_append(uri, ["while away"])
         again = await s.start("a")
         await has(again, ref, 2)
-        await feeds(owner).feed_append(uri, ["after"])
+        await feed_api(owner).feed_append(uri, ["after"])
         await has(again, ref, 3)
 
 
@@ -424,20 +430,20 @@ async def test_a_granted_node_submits_and_the_owner_signs_and_appends(tmp_path: 
     async with swarm(tmp_path) as s:
         owner, a, b, _channel = await lab(s)
         ref, uri = await notebook(owner)
-        await feeds(a).feed_subscribe(uri, "lab")
+        await feed_api(a).feed_subscribe(uri, "lab")
         await connected(b, owner)
         with pytest.raises(NotPermitted, match="may not write"):
-            await feeds(b).feed_submit(uri, ["not yet"])
-        await feeds(owner).feed_grant(uri, b.node_id)
-        result = await feeds(b).feed_submit(uri, [{"from": "b"}])
+            await feed_api(b).feed_submit(uri, ["not yet"])
+        await feed_api(owner).feed_grant(uri, b.node_id)
+        result = await feed_api(b).feed_submit(uri, [{"from": "b"}])
         assert result == {"start": 0, "count": 1, "owner": owner.node_id}
         await has(a, ref, 1)
-        [record] = (await feeds(a).feed_read(uri))["messages"]
+        [record] = (await feed_api(a).feed_read(uri))["messages"]
         assert record["message"] == {"from": "b"}
         assert record["metaData"] == {"submittedBy": b.node_id}
-        await feeds(owner).feed_grant(uri, b.node_id, revoke=True)
+        await feed_api(owner).feed_grant(uri, b.node_id, revoke=True)
         with pytest.raises(NotPermitted):
-            await feeds(b).feed_submit(uri, ["revoked"])
+            await feed_api(b).feed_submit(uri, ["revoked"])
 
 
 # -- roles ---------------------------------------------------------------------------------------
@@ -455,10 +461,10 @@ async def test_request_feeds_is_needed_to_subscribe_and_provide_feeds_to_serve(
             token = (await control(owner).channel_invite("lab", roles))["token"]
             await control(node).channel_join(token)
         ref, uri = await notebook(owner)
-        await feeds(owner).feed_append(uri, ["secret"])
+        await feed_api(owner).feed_append(uri, ["secret"])
 
         with pytest.raises(NotPermitted, match="requestFeeds"):
-            await feeds(outsider).feed_subscribe(uri, "lab")
+            await feed_api(outsider).feed_subscribe(uri, "lab")
         await connected(outsider, owner)
         get = FeedGet(
             id=0,
@@ -471,7 +477,7 @@ async def test_request_feeds_is_needed_to_subscribe_and_provide_feeds_to_serve(
         with pytest.raises(NotPermitted, match="lacks role requestFeeds"):
             await outsider.connections[owner.node_id].request(get)
 
-        await feeds(reader).feed_subscribe(uri, "lab")
+        await feed_api(reader).feed_subscribe(uri, "lab")
         await has(reader, ref, 1)
         await connected(reader, outsider)
         with pytest.raises(NotPermitted, match="does not provide feeds"):
@@ -488,8 +494,8 @@ async def crafted_push(
     member ``b`` send ``a`` a push of hand-made messages over their real session."""
     owner, a, b, channel = await lab(s)
     ref, uri = await notebook(owner)
-    await feeds(owner).feed_append(uri, ["genuine 0"])
-    await feeds(a).feed_subscribe(uri, "lab")
+    await feed_api(owner).feed_append(uri, ["genuine 0"])
+    await feed_api(a).feed_subscribe(uri, "lab")
     await has(a, ref, 1)
     await connected(a, b)
 
@@ -524,13 +530,13 @@ def forge(
         **fields,
     }
     data = encode(body)
-    key = feeds(owner)._key(ref.feed_id)
+    key = feeds(owner).key_of(ref.feed_id)
     assert key is not None
     return [data, key.sign(data)]
 
 
 async def genuine(owner: Node, ref: SubfeedRef, n: int) -> list[bytes]:
-    live = feeds(owner)._live[(ref.feed_id, ref.subfeed_hash)]
+    live = feeds(owner).live[(ref.feed_id, ref.subfeed_hash)]
     [item] = await feeds(owner).read_items(live, n, 1)
     return [item[0], item[1]]
 
@@ -571,7 +577,7 @@ async def test_a_broken_chain_is_rejected_and_its_sender_penalised(tmp_path: Pat
         await push(1, [forge(owner, ref, 1, bytes(64))])
         assert feeds(a).count(ref) == 1
         assert feeds(a).penalties.offences[b.node_id] == 2
-        assert await feeds(a).feed_forks() == []
+        assert await feed_api(a).feed_forks() == []
 
 
 async def test_an_oversized_message_is_rejected_and_its_sender_penalised(tmp_path: Path) -> None:
@@ -608,28 +614,28 @@ async def test_a_fork_is_detected_kept_as_evidence_and_never_overwrites_history(
     async with swarm(tmp_path) as s:
         owner, twin, follower, _channel = await lab(s)
         ref, uri = await notebook(owner)
-        key = feeds(owner)._key(ref.feed_id)
+        key = feeds(owner).key_of(ref.feed_id)
         assert key is not None
         await feeds(twin).adopt_key(key.seed)  # the owner's key used on a second machine
-        await feeds(follower).feed_subscribe(uri, "lab")
+        await feed_api(follower).feed_subscribe(uri, "lab")
         await followed_by(follower, owner, ref)
         await followed_by(follower, twin, ref)
 
-        await feeds(owner).feed_append(uri, ["A0: from the owner"])
+        await feed_api(owner).feed_append(uri, ["A0: from the owner"])
         await has(follower, ref, 1)
-        await feeds(twin).feed_append(uri, ["B0: from the twin"])
+        await feed_api(twin).feed_append(uri, ["B0: from the twin"])
         await wait(follower, lambda: feeds(follower).stats.forks == 1)
 
-        [fork] = await feeds(follower).feed_forks()
+        [fork] = await feed_api(follower).feed_forks()
         assert fork["messageNumber"] == 0
         assert fork["kept"]["message"] == "A0: from the owner"
         assert fork["other"]["message"] == "B0: from the twin"
         assert fork["reportedBy"] == twin.node_id
         # The twin's branch goes on; the follower keeps the first history and refuses it.
-        await feeds(twin).feed_append(uri, ["B1"])
-        await feeds(owner).feed_append(uri, ["A1"])
+        await feed_api(twin).feed_append(uri, ["B1"])
+        await feed_api(owner).feed_append(uri, ["A1"])
         await has(follower, ref, 2)
-        read = await feeds(follower).feed_read(uri)
+        read = await feed_api(follower).feed_read(uri)
         assert [m["message"] for m in read["messages"]] == ["A0: from the owner", "A1"]
         assert read["forked"]
         assert feeds(follower).penalties.offences.get(twin.node_id, 0) == 0  # not its fault
@@ -690,9 +696,9 @@ async def test_a_partitioned_swarm_keeps_reading_and_converges_after_healing(
         for x in nodes:
             await wait(x, lambda x=x: len(x.connections) == 4)
         ref, uri = await notebook(owner)
-        await feeds(owner).feed_append(uri, list(range(10)))
+        await feed_api(owner).feed_append(uri, list(range(10)))
         for follower in (a, b, c, d):
-            await feeds(follower).feed_subscribe(uri, "lab")
+            await feed_api(follower).feed_subscribe(uri, "lab")
             await has(follower, ref, 10)
 
         left = {owner.node_id, a.node_id, b.node_id}
@@ -710,7 +716,7 @@ async def test_a_partitioned_swarm_keeps_reading_and_converges_after_healing(
         await has(a, ref, 60)
         await has(b, ref, 60)
         for x in (c, d):  # the other half keeps reading what it holds
-            read = await feeds(x).feed_read(uri, start=5, limit=100)
+            read = await feed_api(x).feed_read(uri, start=5, limit=100)
             assert [m["message"] for m in read["messages"]] == list(range(5, 10))
 
         heal()
@@ -718,7 +724,7 @@ async def test_a_partitioned_swarm_keeps_reading_and_converges_after_healing(
             await wait(x, lambda x=x: len(x.connections) == 4)
         for x in (c, d):
             await has(x, ref, 60)
-            read = await feeds(x).feed_read(uri, start=0, limit=100)
+            read = await feed_api(x).feed_read(uri, start=0, limit=100)
             assert [m["message"] for m in read["messages"]] == list(range(60))
 
 
@@ -733,7 +739,7 @@ async def test_a_late_joiner_catches_up_100k_messages_then_follows_live(tmp_path
         await control(late).channel_join(
             (await control(owner).channel_invite("lab", ["all"]))["token"]
         )
-        await feeds(late).feed_subscribe(uri, "lab")
+        await feed_api(late).feed_subscribe(uri, "lab")
         with trio.fail_after(120):
             await feeds(late).wait_count(ref, 100_000)
         stats = feeds(late).stats
@@ -741,7 +747,7 @@ async def test_a_late_joiner_catches_up_100k_messages_then_follows_live(tmp_path
         for n in range(100_000, 100_010):
             await feeds(owner).append(ref, [{"n": n}])
             await has(late, ref, n + 1)
-        read = await feeds(late).feed_read(uri, start=99_998, limit=4)
+        read = await feed_api(late).feed_read(uri, start=99_998, limit=4)
         assert [m["message"]["n"] for m in read["messages"]] == [99_998, 99_999, 100_000, 100_001]
 
 
@@ -768,5 +774,5 @@ async def test_a_peer_naming_unwritten_subfeeds_makes_at_most_max_empty_rows(
         store = feeds(owner).store
         assert await owner.run_sync(store.empty_subfeeds, ref.feed_id) == 3
         # the owner itself still writes to new subfeeds
-        await feeds(owner).feed_append(uri, ["first"])
-        await feeds(owner).feed_append(f"feed://{ref.feed_id}/other", ["second"])
+        await feed_api(owner).feed_append(uri, ["first"])
+        await feed_api(owner).feed_append(f"feed://{ref.feed_id}/other", ["second"])

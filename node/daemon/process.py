@@ -128,7 +128,7 @@ async def serve_node(
         bound_api = await nursery.start(
             functools.partial(
                 serve_api,
-                methods_of(NodeControl(node), *node.services.all()),
+                methods_of(NodeControl(node), *node.services.controls()),
                 node_id=node.node_id,
                 token=token,
                 port=api_port,

@@ -70,7 +70,8 @@ class MembershipHandlers(Protocol):
 
 def peer_routes(node: MembershipHandlers, services: Services) -> dict[MsgType, Route]:
     """The table: every message type a node serves."""
-    files, feeds, tasks = services.files, services.feeds, services.tasks
+    files, tasks = services.files, services.tasks
+    feeds, gossip = services.feeds, services.feeds.replicator
     ask, tell = True, False
     return {
         # membership (node/daemon/node.py)
@@ -84,15 +85,15 @@ def peer_routes(node: MembershipHandlers, services: Services) -> dict[MsgType, R
         MsgType.FIND_FILE: Route(files.on_find, Role.REQUEST_FILES, ask),
         MsgType.GET_DATA: Route(files.on_get_data, Role.REQUEST_FILES, ask),
         MsgType.CANCEL_DATA: Route(files.on_cancel, None, tell),
-        # feeds (node/services/feeds.py)
-        MsgType.FEED_SUBSCRIBE: Route(feeds.on_subscribe, Role.REQUEST_FEEDS, ask),
-        MsgType.FEED_GET: Route(feeds.on_get, Role.REQUEST_FEEDS, ask),
+        # feeds (node/services/feeds/: gossip.py, and service.py for submissions)
+        MsgType.FEED_SUBSCRIBE: Route(gossip.on_subscribe, Role.REQUEST_FEEDS, ask),
+        MsgType.FEED_GET: Route(gossip.on_get, Role.REQUEST_FEEDS, ask),
         MsgType.FEED_SUBMIT: Route(feeds.on_submit, Role.REQUEST_FEEDS, ask),
-        MsgType.FEED_HAVE: Route(feeds.on_have, Role.PROVIDE_FEEDS, tell),
-        MsgType.FEED_PUSH: Route(feeds.on_push, Role.PROVIDE_FEEDS, tell),
-        MsgType.FEED_UNSUBSCRIBE: Route(feeds.on_unsubscribe, None, tell),
-        MsgType.FEED_PRUNE: Route(feeds.on_prune, Role.REQUEST_FEEDS, tell),
-        MsgType.FEED_GRAFT: Route(feeds.on_graft, Role.REQUEST_FEEDS, tell),
+        MsgType.FEED_HAVE: Route(gossip.on_have, Role.PROVIDE_FEEDS, tell),
+        MsgType.FEED_PUSH: Route(gossip.on_push, Role.PROVIDE_FEEDS, tell),
+        MsgType.FEED_UNSUBSCRIBE: Route(gossip.on_unsubscribe, None, tell),
+        MsgType.FEED_PRUNE: Route(gossip.on_prune, Role.REQUEST_FEEDS, tell),
+        MsgType.FEED_GRAFT: Route(gossip.on_graft, Role.REQUEST_FEEDS, tell),
         # tasks (node/services/tasks.py); an announcement of functions needs provideTasks,
         # an empty one (withdrawing them) does not: that check is the handler's
         MsgType.TASK_REQUEST: Route(tasks.on_task_request, Role.REQUEST_TASKS, ask),

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 if TYPE_CHECKING:  # imported when built: the nonce maker process runs from this package
-    from kachery.node.services.feeds import FeedService
+    from kachery.node.services.feeds.api import FeedAPI
+    from kachery.node.services.feeds.service import FeedService
     from kachery.node.services.files.service import FileService
     from kachery.node.services.host import Host
     from kachery.node.services.tasks import TaskService
@@ -40,17 +41,26 @@ class Services:
 
     files: FileService
     feeds: FeedService
+    feed_api: FeedAPI
     tasks: TaskService
 
     @classmethod
     def build(cls, host: Host, *, max_upload_rate: float | None = None) -> Services:
-        from kachery.node.services.feeds import FeedService
+        from kachery.node.services.feeds.api import FeedAPI
+        from kachery.node.services.feeds.service import FeedService
         from kachery.node.services.files.service import FileService
         from kachery.node.services.tasks import TaskService
 
         files = FileService(host, max_upload_rate=max_upload_rate)
-        return cls(files=files, feeds=FeedService(host), tasks=TaskService(host, files))
+        feeds = FeedService(host)
+        return cls(
+            files=files, feeds=feeds, feed_api=FeedAPI(feeds), tasks=TaskService(host, files)
+        )
 
     def all(self) -> tuple[Service, ...]:
         """In start order (the task service offers its kept results to the file service)."""
         return (self.files, self.feeds, self.tasks)
+
+    def controls(self) -> tuple[object, ...]:
+        """The objects whose ``@exposed`` methods the local API serves."""
+        return (self.files, self.feed_api, self.tasks)

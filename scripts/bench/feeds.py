@@ -39,7 +39,8 @@ from kachery.node.client import DaemonClient
 from kachery.node.daemon.control import NodeControl
 from kachery.node.daemon.node import Node
 from kachery.node.home import HOME_ENV, NodeHome
-from kachery.node.services.feeds import FeedService
+from kachery.node.services.feeds.api import FeedAPI
+from kachery.node.services.feeds.service import FeedService
 from kachery.node.testing import Daemon
 from kachery.protocol.feeds import SubfeedRef
 from kachery.protocol.uri import subfeed_hash
@@ -89,6 +90,10 @@ def feeds(node: Node) -> FeedService:
     return node.services.feeds
 
 
+def feed_api(node: Node) -> FeedAPI:
+    return node.services.feed_api
+
+
 class Cluster:
     """Nodes in one Trio loop, in one channel where every member has every role."""
 
@@ -131,7 +136,7 @@ async def bench_appends(base: Path, count: int) -> None:
         cluster = Cluster(nursery, base)
         owner = await cluster.add("append-owner")
         f = feeds(owner)
-        feed_id = (await f.feed_create("bench"))["feedId"]
+        feed_id = (await FeedAPI(f).feed_create("bench"))["feedId"]
         ref = SubfeedRef(feed_id, subfeed_hash("entries"))
         await f.append(ref, [message(0)])
         n = 1
@@ -180,7 +185,7 @@ async def bench_appends(base: Path, count: int) -> None:
             " signed with a nonce made ahead by the nonce maker process)",
             file=sys.stderr,
         )
-        live = f._live[(ref.feed_id, ref.subfeed_hash)]
+        live = f.live[(ref.feed_id, ref.subfeed_hash)]
         assert live.signer is not None
         live.signer.nonces = None  # every signature by RFC 8032, as before the nonce maker
         values = prepared(count)
@@ -247,18 +252,18 @@ async def bench_catchup(base: Path, total: int) -> None:
         cluster = Cluster(nursery, base)
         source = await cluster.add("catchup-source")
         f = feeds(source)
-        feed_id = (await f.feed_create("bench"))["feedId"]
+        feed_id = (await FeedAPI(f).feed_create("bench"))["feedId"]
         ref = SubfeedRef(feed_id, subfeed_hash("entries"))
         uri = f"feed://{feed_id}/entries"
         for start in range(0, total, 1000):
             await f.append(ref, [message(i) for i in range(start, min(total, start + 1000))])
         for name, every in (("checkpoints", False), ("every signature", True)):
             node = await cluster.add(f"catchup-{name.replace(' ', '-')}")
-            feeds(node).verify_every_signature = every
+            feeds(node).receiver.verify_every_signature = every
             with trio.fail_after(600):
                 await node.wait_until(lambda node=node: source.node_id in node.connections)
                 start = time.perf_counter()
-                await feeds(node).feed_subscribe(uri, "lab")
+                await feed_api(node).feed_subscribe(uri, "lab")
                 await feeds(node).wait_count(ref, total)
             seconds = time.perf_counter() - start
             stats = feeds(node).stats
@@ -289,7 +294,7 @@ async def bench_live(base: Path, count: int, swarm_size: int) -> None:
             await cluster.add(f"live-{i}")
         await cluster.meshed()
         f = feeds(owner)
-        feed_id = (await f.feed_create("bench"))["feedId"]
+        feed_id = (await FeedAPI(f).feed_create("bench"))["feedId"]
         ref = SubfeedRef(feed_id, subfeed_hash("entries"))
         uri = f"feed://{feed_id}/entries"
         followers = cluster.nodes[1:]
@@ -297,8 +302,8 @@ async def bench_live(base: Path, count: int, swarm_size: int) -> None:
 
         async def measure(group: list[Node]) -> list[float]:
             for node in group:
-                await feeds(node).feed_subscribe(uri, "lab")
-            live = f._live[(ref.feed_id, ref.subfeed_hash)]
+                await feed_api(node).feed_subscribe(uri, "lab")
+            live = f.live[(ref.feed_id, ref.subfeed_hash)]
 
             def subscribed() -> bool:
                 return all(
