@@ -14,8 +14,8 @@ its way; a node that had to pull a small gap *grafts* itself back into that peer
 Because messages are self-verifying, any node can serve them.
 Duplicate suppression: a node records what each peer is known to hold (from what it announced,
 pushed, or was pushed) and never pushes it anything below that; what arrives twice is dropped by
-number and signature (node/services/feeds.py). A peer whose history forks from ours is never pulled
-from.
+number and signature (node/services/feeds/receiver.py). A peer whose history forks from ours
+is never pulled from.
 
 A peer that sends invalid feed data is penalised (``kachery.protocol.penalties.PenaltyBox``).
 

@@ -11,7 +11,7 @@ Messages travel as ``[body, signature]`` pairs of byte strings, exactly as signe
 feeds.py); checkpoints as ``[count, chainHash, signature]``. Every field is checked on
 construction, so a malformed frame is refused (``BAD_FRAME``) before any service sees it.
 
-Non-goal: what a node does with them (node/services/feeds.py, planned by feed_gossip.py).
+Non-goal: what a node does with them (node/services/feeds/, planned by feed_gossip.py).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ another writer holds it), which lets the node run small appends inline on its ev
 back to a worker thread only under contention. That connection does not checkpoint the WAL by
 itself (its commits stay short); the node calls ``checkpoint_wal`` from a worker thread.
 
-Non-goals: deciding what is valid (protocol/feeds.py), when to write (node/services/feeds.py).
+Non-goals: deciding what is valid (protocol/feeds.py), when to write (node/services/feeds/).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ provider's ledger of the action requests it accepted, written (and committed) be
 runs and again when it ends, so a request delivered twice, even across a restart, runs once.
 
 Non-goals: the result files themselves (the blob store) and deciding anything
-(node/services/tasks.py).
+(node/services/tasks/).
 """
 
 from __future__ import annotations

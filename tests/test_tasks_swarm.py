@@ -28,9 +28,10 @@ from kachery.node.daemon.node import Node
 from kachery.node.daemon.peer import PeerConnection, RequestFailed
 from kachery.node.errors import NotPermitted
 from kachery.node.localapi.methods import StreamResult
-from kachery.node.services import tasks as tasks_module
 from kachery.node.services.files.service import FileService
-from kachery.node.services.tasks import TaskService, _Request
+from kachery.node.services.tasks import requester as tasks_module
+from kachery.node.services.tasks.requests import Request
+from kachery.node.services.tasks.service import TaskService
 from kachery.protocol.errors import InvalidInput
 from kachery.protocol.kachery_json import task_hash
 from kachery.protocol.tasks import (
@@ -97,7 +98,7 @@ class Worker:
         service = tasks_of(self.node)
         listed = [{"functionId": f, "type": t} for f, (t, _) in self.functions.items()]
         with self.scope:
-            events = service.task_backend_listen(functions=listed, slots=self.slots)
+            events = service.workers.task_backend_listen(functions=listed, slots=self.slots)
             async with contextlib.aclosing(events), trio.open_nursery() as nursery:
                 backend_id = ""
                 async for event in events:
@@ -123,7 +124,9 @@ class Worker:
             if task_type != "action":
                 uri, kind = await trio.to_thread.run_sync(store_result, self.node.home, value)
                 report.update(result_uri=uri, result_kind=str(kind))
-        await service.task_backend_report(backend_id=backend_id, job_id=job["jobId"], **report)
+        await service.workers.task_backend_report(
+            backend_id=backend_id, job_id=job["jobId"], **report
+        )
 
     def stop(self) -> None:
         """The worker dies: its stream closes."""
@@ -145,34 +148,35 @@ async def announced(requester: Node, provider: Node, function_id: str) -> None:
     def known() -> bool:
         channels = requester.membership.active_channels()
         return any(
-            c.node_id == provider.node_id for c in service._candidates(function_id, channels)
+            c.node_id == provider.node_id
+            for c in service.directory.candidates(function_id, channels)
         )
 
     with trio.fail_after(WAIT):
         while not known():
-            event = service._providers_changed
+            event = service.directory.changed
             await event.wait()
 
 
-async def finished(req: _Request) -> _Request:
+async def finished(req: Request) -> Request:
     with trio.fail_after(WAIT):
         while not req.terminal:
             await req.wait_until(math.inf)
     return req
 
 
-async def reached(req: _Request, status: TaskStatus) -> None:
+async def reached(req: Request, status: TaskStatus) -> None:
     with trio.fail_after(WAIT):
         while req.status is not status:
             await req.wait_until(math.inf)
 
 
-async def request(node: Node, function_id: str, kwargs: dict[str, Any], **options: Any) -> _Request:
+async def request(node: Node, function_id: str, kwargs: dict[str, Any], **options: Any) -> Request:
     """Request a task and wait until it ends."""
-    return await finished(await tasks_of(node).request(function_id, kwargs, **options))
+    return await finished(await tasks_of(node).requester.request(function_id, kwargs, **options))
 
 
-def result_of(node: Node, req: _Request) -> bytes:
+def result_of(node: Node, req: Request) -> bytes:
     assert req.status is TaskStatus.FINISHED, req.error
     assert req.result_uri is not None
     if req.result_data is not None:  # a small result: kept in its record, not in the store
@@ -213,7 +217,7 @@ async def test_a_pure_result_is_computed_once_then_served_from_caches_even_offli
         assert (first.cached, first.provider) == (False, provider.node_id)
         assert first.spec.task_id == task_hash("add.v1", {"a": 2, "b": 3})
 
-        again = await tasks_of(requester).request("add.v1", {"a": 2, "b": 3})
+        again = await tasks_of(requester).requester.request("add.v1", {"a": 2, "b": 3})
         assert again.status is TaskStatus.FINISHED  # answered in the call: cached here
         assert again.cached
         assert again.result_uri == first.result_uri
@@ -311,7 +315,7 @@ async def test_a_small_result_lives_in_its_record_across_a_restart_and_a_corrupt
         await wait(provider, lambda: requester.node_id not in provider.connections)
         requester = await s.start("requester")
         await announced(requester, provider, "add.v1")
-        again = await tasks_of(requester).request("add.v1", {"a": 1, "b": 2})
+        again = await tasks_of(requester).requester.request("add.v1", {"a": 1, "b": 2})
         assert (again.status, again.cached, again.result_data) == (TaskStatus.FINISHED, True, b"3")
         assert worker.runs["add.v1"] == 1
 
@@ -321,7 +325,7 @@ async def test_a_small_result_lives_in_its_record_across_a_restart_and_a_corrupt
             t = schema.task_results
             with node.home.database.begin() as conn:
                 conn.execute(t.update().values(result_data=b"4"))
-        tasks_of(requester)._requests.clear()
+        tasks_of(requester).requester.requests.clear()
         repaired = await request(requester, "add.v1", {"a": 1, "b": 2})
         assert (repaired.status, repaired.cached, repaired.result_data) == (
             TaskStatus.FINISHED,
@@ -432,7 +436,7 @@ async def test_ten_concurrent_requests_from_three_members_run_once_with_two_prov
             await announced(r, p1, "square.v1")
             await announced(r, p2, "square.v1")
         requests = [
-            await tasks_of(r).request("square.v1", {"x": 12})
+            await tasks_of(r).requester.request("square.v1", {"x": 12})
             for r in (r1, r1, r1, r1, r2, r2, r2, r3, r3, r3)
         ]
         assert len({r.spec.request_id for r in requests}) == 10
@@ -473,7 +477,7 @@ async def test_an_unknown_function_ends_in_an_error_naming_it_and_nothing_is_cac
         provider, requester = await channel_of(s, ["provider", "requester"])
         await start_worker(s.nursery, provider, {"add.v1": ("pure-calculation", add)})
         await announced(requester, provider, "add.v1")
-        tasks_of(requester).no_provider_seconds = 0.2
+        tasks_of(requester).requester.no_provider_seconds = 0.2
         req = await request(requester, "ad.v1", {"a": 1, "b": 2})
         assert req.status is TaskStatus.ERROR
         assert req.error == (
@@ -498,13 +502,13 @@ async def test_kwargs_that_are_not_json_are_refused_clearly_and_the_session_stay
         with pytest.raises(
             InvalidInput, match=r"kwargs\['a'\] is a set, which is not a JSON value"
         ):
-            await service.request("add.v1", {"a": {1, 2}, "b": 1})
+            await service.requester.request("add.v1", {"a": {1, 2}, "b": 1})
         with pytest.raises(InvalidInput, match=r"kwargs\['a'\] is nan, which JSON cannot carry"):
-            await service.request("add.v1", {"a": math.nan, "b": 1})
+            await service.requester.request("add.v1", {"a": math.nan, "b": 1})
         with pytest.raises(InvalidInput, match="task kwargs must be a JSON object, not list"):
-            await service.request("add.v1", [1, 2])  # type: ignore[arg-type]
+            await service.requester.request("add.v1", [1, 2])  # type: ignore[arg-type]
         with pytest.raises(InvalidInput, match="unknown task type 'pure': use one of"):
-            await service.request("add.v1", {}, "pure")
+            await service.requester.request("add.v1", {}, "pure")
         # A peer that sends bytes (CBOR can carry them, JSON cannot) is told so; the session
         # goes on, since the frame itself was well formed.
         conn = requester.connections[provider.node_id]
@@ -565,8 +569,8 @@ async def test_roles_are_required_to_request_and_to_provide(tmp_path: Path) -> N
         )
         await start_worker(s.nursery, owner, {"add.v1": ("pure-calculation", add)})
         with pytest.raises(NotPermitted, match="lacks role requestTasks in every channel"):
-            await tasks_of(viewer).request("add.v1", {"a": 1, "b": 1})
-        listen = tasks_of(viewer).task_backend_listen(
+            await tasks_of(viewer).requester.request("add.v1", {"a": 1, "b": 1})
+        listen = tasks_of(viewer).workers.task_backend_listen(
             functions=[{"functionId": "add.v1", "type": "pure-calculation"}]
         )
         with pytest.raises(NotPermitted, match="lacks role provideTasks in every channel"):
@@ -604,7 +608,7 @@ async def test_a_worker_killed_mid_task_hands_it_to_the_other_provider(tmp_path:
         }
         for p in (p1, p2):
             await announced(requester, p, "inc.v1")
-        req = await tasks_of(requester).request("inc.v1", {"x": 41})
+        req = await tasks_of(requester).requester.request("inc.v1", {"x": 41})
         with trio.fail_after(WAIT):
             await first_started.wait()
         stuck = next(w for w in workers.values() if w.runs["inc.v1"] == 1)
@@ -622,8 +626,8 @@ async def test_a_worker_killed_with_no_other_provider_ends_in_an_error(tmp_path:
         fn, first_started = first_stuck_then_quick()
         worker = await start_worker(s.nursery, provider, {"inc.v1": ("pure-calculation", fn)})
         await announced(requester, provider, "inc.v1")
-        tasks_of(requester).no_provider_seconds = 0.2
-        req = await tasks_of(requester).request("inc.v1", {"x": 1})
+        tasks_of(requester).requester.no_provider_seconds = 0.2
+        req = await tasks_of(requester).requester.request("inc.v1", {"x": 1})
         with trio.fail_after(WAIT):
             await first_started.wait()
         worker.stop()
@@ -642,7 +646,7 @@ async def test_a_provider_node_that_stops_mid_task_is_replaced(tmp_path: Path) -
         for p in (p1, p2):
             await start_worker(s.nursery, p, {"inc.v1": ("pure-calculation", fn)})
             await announced(requester, p, "inc.v1")
-        req = await tasks_of(requester).request("inc.v1", {"x": 9})
+        req = await tasks_of(requester).requester.request("inc.v1", {"x": 9})
         with trio.fail_after(WAIT):
             await first_started.wait()
         assert req.provider is not None
@@ -669,7 +673,7 @@ async def test_a_silent_provider_loses_its_lease_and_the_next_one_runs_the_task(
             if rank_providers(spec_of("inc.v1", {"x": x}).route_key, [p1.node_id, p2.node_id])[0]
             == p1.node_id
         )
-        tasks_of(p1).lease_seconds = 0.3  # granted in its reply: the requester follows it
+        tasks_of(p1).provider.lease_seconds = 0.3  # granted in its reply: the requester follows it
 
         send_quietly = PeerConnection.send_quietly
 
@@ -708,7 +712,7 @@ async def test_a_query_reruns_each_time_and_falls_back_to_its_last_result(tmp_pa
         assert not two.cached
         s.stop("provider")
         await wait(requester, lambda: provider.node_id not in requester.connections)
-        tasks_of(requester).no_provider_seconds = 0.2
+        tasks_of(requester).requester.no_provider_seconds = 0.2
         fallback = await request(requester, "temp.v1", {"room": "B"}, task_type="query")
         assert fallback.status is TaskStatus.FINISHED
         assert fallback.fallback
@@ -778,7 +782,7 @@ async def test_an_action_runs_once_per_request_id_even_delivered_twice_or_after_
         assert notebook == ["probe B"]
 
         # The requesting node forgets it asked; asking again answers from the provider's ledger.
-        tasks_of(requester)._requests.clear()
+        tasks_of(requester).requester.requests.clear()
         again = await request(
             requester, "note.v1", {"text": "probe B"}, task_type="action", request_id="n1"
         )
@@ -791,7 +795,7 @@ async def test_an_action_runs_once_per_request_id_even_delivered_twice_or_after_
         restarted = await s.start("provider")
         await start_worker(s.nursery, restarted, actions)
         await announced(requester, restarted, "note.v1")
-        tasks_of(requester)._requests.clear()
+        tasks_of(requester).requester.requests.clear()
         after = await request(
             requester, "note.v1", {"text": "probe B"}, task_type="action", request_id="n1"
         )
@@ -803,7 +807,7 @@ async def test_an_action_runs_once_per_request_id_even_delivered_twice_or_after_
         assert other.status is TaskStatus.FINISHED
         assert notebook == ["probe B", "probe B"]
         with pytest.raises(InvalidInput, match="request ID n2 already names a request"):
-            await tasks_of(requester).request(
+            await tasks_of(requester).requester.request(
                 "note.v1", {"text": "other"}, "action", request_id="n2"
             )
 
@@ -827,7 +831,7 @@ async def test_an_action_whose_worker_dies_while_it_runs_is_never_run_again(
 
         worker = await start_worker(s.nursery, provider, {"launch.v1": ("action", launch)})
         await announced(requester, provider, "launch.v1")
-        req = await tasks_of(requester).request(
+        req = await tasks_of(requester).requester.request(
             "launch.v1", {"target": "moon"}, "action", request_id="l1"
         )
         with trio.fail_after(WAIT):
@@ -864,9 +868,9 @@ async def test_status_goes_waiting_pending_queued_running_finished(tmp_path: Pat
         await start_worker(s.nursery, provider, {"held.v1": ("query", held)}, slots=1)
         await announced(requester, provider, "held.v1")
         service = tasks_of(requester)
-        first = await service.request("held.v1", {"n": 1}, "query")
+        first = await service.requester.request("held.v1", {"n": 1}, "query")
         await reached(first, TaskStatus.RUNNING)  # it holds the provider's only slot
-        second = await service.request("held.v1", {"n": 2}, "query")
+        second = await service.requester.request("held.v1", {"n": 2}, "query")
         seen: list[str] = []
 
         async def watch() -> None:
@@ -884,7 +888,7 @@ async def test_status_goes_waiting_pending_queued_running_finished(tmp_path: Pat
         assert seen[-3:] == ["queued", "running", "finished"]
         assert seen[0] in ("waiting", "pending")
         # task_outcome: the end state in one plain answer, with a small result's bytes.
-        third = await service.request("held.v1", {"n": 3}, "query")
+        third = await service.requester.request("held.v1", {"n": 3}, "query")
         early = await service.task_outcome(third.spec.request_id, within_seconds=0)
         assert early["status"] in ("waiting", "pending", "queued", "running")
         assert "resultData" not in early
@@ -939,7 +943,7 @@ async def test_task_status_takes_the_prefix_task_list_shows_and_names_an_ambiguo
         with pytest.raises(NotFound, match="no task or request deadbee known"):
             await service.task_status("deadbee")  # too short to stand for an ID
         # Once the requests are forgotten, a prefix finds the results held for a task ID.
-        service._requests.clear()
+        service.requester.requests.clear()
         held = await service.task_status(two.spec.task_id[:12])
         assert (held["taskId"], held["cached"]) == (two.spec.task_id, True)
 
@@ -949,13 +953,13 @@ async def test_a_worker_reports_several_jobs_in_one_call_each_checked(tmp_path: 
         (node,) = await channel_of(s, ["solo"])
         service = tasks_of(node)
         listed = [{"functionId": "add.v1", "type": "pure-calculation"}]
-        events = service.task_backend_listen(functions=listed, slots=2)
+        events = service.workers.task_backend_listen(functions=listed, slots=2)
         async with contextlib.aclosing(events):
             registered = await anext(events)
             assert isinstance(registered, dict)
             backend_id = registered["backendId"]
-            one = await service.request("add.v1", {"a": 1, "b": 2})
-            two = await service.request("add.v1", {"a": 2, "b": 2})
+            one = await service.requester.request("add.v1", {"a": 1, "b": 2})
+            two = await service.requester.request("add.v1", {"a": 2, "b": 2})
             jobs: list[Any] = [await anext(events), await anext(events)]
             jobs.sort(key=lambda job: job["kwargs"]["a"])  # the job of `one` first
             reports = []
@@ -972,13 +976,13 @@ async def test_a_worker_reports_several_jobs_in_one_call_each_checked(tmp_path: 
                     }
                 )
             forged = dict(reports[1], result_data=base64.b64encode(b"5").decode())
-            answers = await service.task_backend_reports(
+            answers = await service.workers.task_backend_reports(
                 backend_id, [reports[0], forged, {"job_id": "j-none", "status": "finished"}]
             )
             assert answers[0] == {"jobId": jobs[0]["jobId"], "status": "finished"}
             assert answers[1]["error"]["type"] == "InvalidInput"
             assert answers[2]["error"]["type"] == "NotFound"
             assert (await finished(one)).result_data == b"3"
-            (answer,) = await service.task_backend_reports(backend_id, [reports[1]])
+            (answer,) = await service.workers.task_backend_reports(backend_id, [reports[1]])
             assert answer == {"jobId": jobs[1]["jobId"], "status": "finished"}
             assert (await finished(two)).result_data == b"4"

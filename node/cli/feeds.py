@@ -6,7 +6,7 @@ Messages are JSON: ``append`` takes each argument as one JSON value (``-`` reads
 per line from stdin); ``read`` and ``watch`` print ``<number><TAB><message as JSON>`` per line,
 or one full JSON record per line with ``--json``.
 
-Non-goal: logic of its own (node/services/feeds.py does the work).
+Non-goal: logic of its own (node/services/feeds/ does the work).
 """
 
 from __future__ import annotations

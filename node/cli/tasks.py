@@ -8,7 +8,7 @@ one-line summary on stderr, and each status change on stderr when stderr is a te
 1 with its error message.
 
 Non-goals: serving tasks (a worker process does: ``kn.run_task_backend``) and logic of its own
-(node/services/tasks.py does the work).
+(node/services/tasks/ does the work).
 """
 
 from __future__ import annotations

@@ -94,11 +94,11 @@ def peer_routes(node: MembershipHandlers, services: Services) -> dict[MsgType, R
         MsgType.FEED_UNSUBSCRIBE: Route(gossip.on_unsubscribe, None, tell),
         MsgType.FEED_PRUNE: Route(gossip.on_prune, Role.REQUEST_FEEDS, tell),
         MsgType.FEED_GRAFT: Route(gossip.on_graft, Role.REQUEST_FEEDS, tell),
-        # tasks (node/services/tasks.py); an announcement of functions needs provideTasks,
-        # an empty one (withdrawing them) does not: that check is the handler's
-        MsgType.TASK_REQUEST: Route(tasks.on_task_request, Role.REQUEST_TASKS, ask),
-        MsgType.TASK_LOOKUP: Route(tasks.on_lookup, Role.REQUEST_TASKS, ask),
-        MsgType.TASK_STATUS: Route(tasks.on_status_batch, None, tell),
-        MsgType.TASK_PROVIDERS: Route(tasks.on_providers, None, tell),
-        MsgType.TASK_CANCEL: Route(tasks.on_cancel, None, tell),
+        # tasks (node/services/tasks/); an announcement of functions needs provideTasks, an
+        # empty one (withdrawing them) does not: that check is the handler's
+        MsgType.TASK_REQUEST: Route(tasks.provider.on_task_request, Role.REQUEST_TASKS, ask),
+        MsgType.TASK_LOOKUP: Route(tasks.provider.on_lookup, Role.REQUEST_TASKS, ask),
+        MsgType.TASK_STATUS: Route(tasks.requester.on_status_batch, None, tell),
+        MsgType.TASK_PROVIDERS: Route(tasks.directory.on_providers, None, tell),
+        MsgType.TASK_CANCEL: Route(tasks.provider.on_cancel, None, tell),
     }

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # imported when built: the nonce maker process runs from this
     from kachery.node.services.feeds.service import FeedService
     from kachery.node.services.files.service import FileService
     from kachery.node.services.host import Host
-    from kachery.node.services.tasks import TaskService
+    from kachery.node.services.tasks.service import TaskService
 
 
 class Service(Protocol):
@@ -49,7 +49,7 @@ class Services:
         from kachery.node.services.feeds.api import FeedAPI
         from kachery.node.services.feeds.service import FeedService
         from kachery.node.services.files.service import FileService
-        from kachery.node.services.tasks import TaskService
+        from kachery.node.services.tasks.service import TaskService
 
         files = FileService(host, max_upload_rate=max_upload_rate)
         feeds = FeedService(host)
@@ -63,4 +63,4 @@ class Services:
 
     def controls(self) -> tuple[object, ...]:
         """The objects whose ``@exposed`` methods the local API serves."""
-        return (self.files, self.feed_api, self.tasks)
+        return (self.files, self.feed_api, self.tasks, self.tasks.workers)
