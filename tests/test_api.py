@@ -22,7 +22,7 @@ import pytest
 import trio
 
 import kachery.node.localapi.server
-from kachery.node.cli.main import parse_duration
+from kachery.node.cli.groups import parse_duration
 from kachery.node.client import DaemonClient
 from kachery.node.errors import DaemonNotRunning, NodeError, NotPermitted, Unavailable
 from kachery.node.localapi.contract import (

@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, TextIO
 
-from kachery.node.cli.groups import UsageError, action_group
-from kachery.node.client import DaemonClient
-from kachery.node.home import NodeHome
+from kachery.node.cli.groups import AddCommand, UsageError, action_group, daemon_client
 from kachery.protocol.errors import InvalidInput
 from kachery.protocol.uri import parse_feed_uri
 
@@ -32,8 +30,8 @@ EPILOG = """examples:
   kachery-node feed grant feed://$id/entries <node id>   # that node may 'feed submit'"""
 
 
-def add_feed_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
-    """Register ``feed`` and its actions with the top-level ``command`` helper of cli.py."""
+def add_feed_commands(command: AddCommand) -> None:
+    """Register ``feed`` and its actions with the top-level ``command`` helper of main.py."""
     p = command(
         "feed",
         cmd_feed_help,
@@ -100,10 +98,6 @@ def add_feed_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     a.add_argument("--json", action="store_true", help="print one JSON array")
 
 
-def _daemon() -> DaemonClient:
-    return DaemonClient(NodeHome.open().path)
-
-
 def _messages(values: Iterable[str]) -> list[Any]:
     """Each argument as one JSON value; ``-`` reads one JSON value per non-empty stdin line."""
     out: list[Any] = []
@@ -134,7 +128,7 @@ def cmd_feed_help(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_feed_create(args: argparse.Namespace, out: TextIO) -> int:
-    result = _daemon().call("feed_create", name=args.name, exist_ok=args.exist_ok)
+    result = daemon_client().call("feed_create", name=args.name, exist_ok=args.exist_ok)
     if args.json:
         print(json.dumps(result), file=out)
     else:
@@ -145,7 +139,7 @@ def cmd_feed_create(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_feed_list(args: argparse.Namespace, out: TextIO) -> int:
-    feeds = _daemon().call("feed_list")
+    feeds = daemon_client().call("feed_list")
     if args.json:
         print(json.dumps(feeds), file=out)
         return 0
@@ -177,7 +171,7 @@ def cmd_feed_list(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_feed_append(args: argparse.Namespace, out: TextIO) -> int:
     messages = _messages(args.messages)
-    result = _daemon().call("feed_append", uri=args.uri, messages=messages)
+    result = daemon_client().call("feed_append", uri=args.uri, messages=messages)
     for n in range(result["start"], result["start"] + result["count"]):
         print(n, file=out)
     return 0
@@ -186,7 +180,7 @@ def cmd_feed_append(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_feed_read(args: argparse.Namespace, out: TextIO) -> int:
     if args.signed and not args.json:
         raise UsageError("--signed needs --json (the signatures are fields of the JSON records)")
-    daemon = _daemon()
+    daemon = daemon_client()
     position, remaining = args.start, args.limit
     forked = False
     while remaining is None or remaining > 0:
@@ -213,7 +207,7 @@ def cmd_feed_read(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_feed_watch(args: argparse.Namespace, out: TextIO) -> int:
-    with _daemon().stream("feed_watch", uri=args.uri, start=args.start) as events:
+    with daemon_client().stream("feed_watch", uri=args.uri, start=args.start) as events:
         for record in events:
             _print_record(record, args.json, out)
     if events.result and events.result.get("deleted"):
@@ -222,12 +216,12 @@ def cmd_feed_watch(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_feed_count(args: argparse.Namespace, out: TextIO) -> int:
-    print(_daemon().call("feed_count", uri=args.uri), file=out)
+    print(daemon_client().call("feed_count", uri=args.uri), file=out)
     return 0
 
 
 def cmd_feed_subscribe(args: argparse.Namespace, out: TextIO) -> int:
-    result = _daemon().call("feed_subscribe", uri=args.uri, channel=args.channel)
+    result = daemon_client().call("feed_subscribe", uri=args.uri, channel=args.channel)
     print(
         f"following in {result['channel']}; {result['count']} messages held here so far",
         file=sys.stderr,
@@ -236,13 +230,13 @@ def cmd_feed_subscribe(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_feed_unsubscribe(args: argparse.Namespace, out: TextIO) -> int:
-    result = _daemon().call("feed_unsubscribe", uri=args.uri, channel=args.channel)
+    result = daemon_client().call("feed_unsubscribe", uri=args.uri, channel=args.channel)
     print(f"stopped {result['unsubscribed']} follow(s); messages held stay", file=sys.stderr)
     return 0
 
 
 def cmd_feed_grant(args: argparse.Namespace, out: TextIO) -> int:
-    _daemon().call("feed_grant", uri=args.uri, node_id=args.node_id, revoke=args.revoke)
+    daemon_client().call("feed_grant", uri=args.uri, node_id=args.node_id, revoke=args.revoke)
     verb = "may no longer" if args.revoke else "may now"
     print(f"{args.node_id[:16]}... {verb} submit messages to {args.uri}", file=sys.stderr)
     return 0
@@ -250,7 +244,9 @@ def cmd_feed_grant(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_feed_submit(args: argparse.Namespace, out: TextIO) -> int:
     messages = _messages(args.messages)
-    result = _daemon().call("feed_submit", uri=args.uri, messages=messages, channel=args.channel)
+    result = daemon_client().call(
+        "feed_submit", uri=args.uri, messages=messages, channel=args.channel
+    )
     for n in range(result["start"], result["start"] + result["count"]):
         print(n, file=out)
     print(f"appended by the owner's node {result['owner'][:16]}...", file=sys.stderr)
@@ -258,7 +254,7 @@ def cmd_feed_submit(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_feed_delete(args: argparse.Namespace, out: TextIO) -> int:
-    result = _daemon().call("feed_delete", feed_id=args.feed_id, force=args.force)
+    result = daemon_client().call("feed_delete", feed_id=args.feed_id, force=args.force)
     extra = " and its private key" if result["owned"] else ""
     print(f"deleted feed {result['feedId']}: {result['messages']} messages{extra}", file=sys.stderr)
     return 0
@@ -275,7 +271,7 @@ def _feed_id(text: str) -> str:
 
 def cmd_feed_forks(args: argparse.Namespace, out: TextIO) -> int:
     feed_id = None if args.feed_id is None else _feed_id(args.feed_id)
-    forks = _daemon().call("feed_forks", feed_id=feed_id)
+    forks = daemon_client().call("feed_forks", feed_id=feed_id)
     if args.json:
         print(json.dumps(forks), file=out)
         return 0

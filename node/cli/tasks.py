@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from typing import Any, TextIO
 
-from kachery.node.cli.groups import action_group
-from kachery.node.client import DaemonClient
+from kachery.node.cli.groups import AddCommand, action_group, daemon_client
 from kachery.node.home import NodeHome
 from kachery.node.progress import format_duration
 from kachery.protocol.errors import InvalidInput
@@ -41,8 +39,8 @@ TASK_TYPES = ("pure-calculation", "query", "action")
 does not import the task protocol (~27 ms on every command); a test checks that they agree."""
 
 
-def add_task_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
-    """Register ``task`` and its actions with the top-level ``command`` helper of cli.py."""
+def add_task_commands(command: AddCommand) -> None:
+    """Register ``task`` and its actions with the top-level ``command`` helper of main.py."""
     p = command(
         "task",
         cmd_task_help,
@@ -83,10 +81,6 @@ def add_task_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
 
     a = action("providers", cmd_task_providers, "list the members that serve task functions")
     a.add_argument("--json", action="store_true", help="print one JSON array")
-
-
-def _daemon(stream_timeout: float | None = None) -> DaemonClient:
-    return DaemonClient(NodeHome.open().path, stream_timeout=stream_timeout)
 
 
 def cmd_task_help(args: argparse.Namespace, out: TextIO) -> int:
@@ -135,7 +129,7 @@ def _summary(state: dict[str, Any]) -> str:
 def cmd_task_request(args: argparse.Namespace, out: TextIO) -> int:
     from kachery.node.client.tasks import TaskFailed, load_result  # here: see TASK_TYPES
 
-    daemon = _daemon()
+    daemon = daemon_client()
     state = daemon.call(
         "task_request",
         function_id=args.function_id,
@@ -185,7 +179,7 @@ def cmd_task_request(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_task_status(args: argparse.Namespace, out: TextIO) -> int:
-    state = _daemon().call("task_status", task=args.id)
+    state = daemon_client().call("task_status", task=args.id)
     state.pop("resultData", None)  # a small result's bytes, for the Python client
     if args.json:
         print(json.dumps(state), file=out)
@@ -219,7 +213,7 @@ def _show(key: str, value: Any) -> str:
 
 
 def cmd_task_list(args: argparse.Namespace, out: TextIO) -> int:
-    listing = _daemon().call("task_list", limit=args.limit)
+    listing = daemon_client().call("task_list", limit=args.limit)
     if args.json:
         print(json.dumps(listing), file=out)
         return 0
@@ -251,7 +245,7 @@ def cmd_task_list(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_task_providers(args: argparse.Namespace, out: TextIO) -> int:
-    providers = _daemon().call("task_providers")
+    providers = daemon_client().call("task_providers")
     if args.json:
         print(json.dumps(providers), file=out)
         return 0
