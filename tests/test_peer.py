@@ -20,6 +20,7 @@ import trio.testing
 from kachery.node.daemon.boundary import PeerFaults, PerPeerSlots
 from kachery.node.daemon.peer import (
     CONTROL_QUEUE_BYTES,
+    KEEPALIVE_TIMEOUT,
     PeerConnection,
     RequestFailed,
     handshake_as_initiator,
@@ -171,6 +172,25 @@ async def test_a_peer_that_never_reads_its_replies_is_dropped_in_the_end(
         with trio.fail_after(120):
             await victim.closed.wait()
         assert "not reading" in victim.close_reason
+
+
+async def test_a_silent_peer_is_dropped_after_the_keepalive_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The session's timers run on Trio's clock, so the 45 s keepalive timeout passes in no
+    time under a MockClock (with time.monotonic it would never pass here)."""
+    async with sessions(Handlers()) as (victim, peer, _link, faults):
+
+        async def drop(_data: bytes) -> None:  # the peer goes silent; its link stays open
+            return None
+
+        peer.link.send = drop  # type: ignore[method-assign]
+        started = trio.current_time()
+        with trio.fail_after(KEEPALIVE_TIMEOUT * 3):
+            await victim.closed.wait()
+        assert victim.close_reason == "keepalive timeout"
+        assert KEEPALIVE_TIMEOUT <= trio.current_time() - started <= KEEPALIVE_TIMEOUT * 2
+        assert faults.contained == 0
 
 
 async def contained(faults: PeerFaults) -> None:

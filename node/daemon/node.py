@@ -491,7 +491,7 @@ class Node:
         rng = random.Random()
         while True:
             targets = plan_dials(
-                now=time.monotonic(),
+                now=trio.current_time(),
                 wanted=self.membership.members_to_reach(),
                 addresses=self._known_addresses(),
                 bootstrap={
@@ -518,12 +518,12 @@ class Node:
             await self.connect(target.address, expected_peer=target.node_id)
         except (DialError, HandshakeFailed) as exc:
             log.debug("dial %s failed: %s", target.address, exc)
-            self._backoff.setdefault(target.key, Backoff()).failed(time.monotonic(), jitter)
+            self._backoff.setdefault(target.key, Backoff()).failed(trio.current_time(), jitter)
             if isinstance(exc, HandshakeFailed) and "cannot connect to itself" in str(exc):
                 self._self_addresses.add(target.address)
         except KacheryError as exc:
             log.info("dial %s failed: %s", target.address, exc)
-            self._backoff.setdefault(target.key, Backoff()).failed(time.monotonic(), jitter)
+            self._backoff.setdefault(target.key, Backoff()).failed(trio.current_time(), jitter)
         finally:
             self._dialing.discard(target.key)
 

@@ -286,7 +286,7 @@ class PeerConnection:
         self._work = trio.Event()
         self._closing = False
         self._flushed = trio.Event()
-        self._last_heard = time.monotonic()
+        self._last_heard = trio.current_time()
         self._busy = trio.Semaphore(MAX_CONCURRENT_REQUESTS)
         self._message_slots = trio.Semaphore(MAX_CONCURRENT_MESSAGES)
         self.messages_dropped = 0
@@ -341,7 +341,7 @@ class PeerConnection:
                 if self.close_code is None:
                     self.close_code, self.close_reason = exc.code, exc.reason
                 return
-            self._last_heard = time.monotonic()
+            self._last_heard = trio.current_time()
             self.bytes_received += len(data)
             try:
                 event = self.session.receive(data)
@@ -373,7 +373,7 @@ class PeerConnection:
         if isinstance(msg, Pong):
             sent = self._ping_sent.pop(msg.nonce, None)
             if sent is not None:
-                self.rtt = time.monotonic() - sent
+                self.rtt = trio.current_time() - sent
             return
         if msg.REPLY:
             pending = self._pending.get(getattr(msg, "id", -1))
@@ -486,11 +486,11 @@ class PeerConnection:
     async def _keepalive(self) -> None:
         """Ping at once (to measure the round trip), then every KEEPALIVE_INTERVAL."""
         for nonce in itertools.count(1):
-            if time.monotonic() - self._last_heard > KEEPALIVE_TIMEOUT:
+            if trio.current_time() - self._last_heard > KEEPALIVE_TIMEOUT:
                 self.close_code, self.close_reason = CloseCode.GOING_AWAY, "keepalive timeout"
                 self._cancel.cancel()
                 return
-            self._ping_sent = {nonce: time.monotonic()}
+            self._ping_sent = {nonce: trio.current_time()}
             self._queue_control(Ping(nonce=nonce))
             await trio.sleep(KEEPALIVE_INTERVAL)
 

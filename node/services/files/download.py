@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -79,7 +78,7 @@ class Download:
         self.written: set[int] = set(plan.verified)
         self.unsynced: set[int] = set()
         self.recorded: set[int] = set(plan.verified)
-        self.started = time.monotonic()
+        self.started = trio.current_time()
         self.fetched_bytes = 0
         self.scopes: dict[tuple[str, int], trio.CancelScope] = {}
         self.whole: str | None = None
@@ -95,7 +94,7 @@ class Download:
         self.changed.notify()
 
     def _progress(self) -> dict[str, Any]:
-        elapsed = max(time.monotonic() - self.started, 1e-6)
+        elapsed = max(trio.current_time() - self.started, 1e-6)
         return {
             "done": self.plan.verified_bytes(),
             "total": self.size,
@@ -191,7 +190,7 @@ class Download:
         self, provider_id: str, piece: Piece, partial: PartialFile
     ) -> None:
         provider = self.providers[provider_id]
-        started = time.monotonic()
+        started = trio.current_time()
         key = (provider_id, piece.index)
         log.debug("piece %d of %s from %s...", piece.index, self.uri.sha1[:12], provider_id[:12])
         with trio.CancelScope() as scope:
@@ -215,7 +214,7 @@ class Download:
             self.plan.piece_cancelled(provider_id, piece.index)
             return  # a duplicate from the end game that lost the race
         # The provider's slot is free now: the next piece flows while this one is checked.
-        self.plan.piece_arrived(provider_id, piece.index, time.monotonic() - started)
+        self.plan.piece_arrived(provider_id, piece.index, trio.current_time() - started)
         self._wake()
         digest = await trio.to_thread.run_sync(receiver.digest)
         if digest != piece.sha1:
@@ -313,6 +312,6 @@ class Download:
             "loaded %s (%d bytes) in %.2f s",
             self.uri,
             self.size,
-            time.monotonic() - self.started,
+            trio.current_time() - self.started,
         )
         return entry

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import time
 from typing import TYPE_CHECKING
 
 import trio
@@ -50,7 +49,7 @@ class Receiver:
         self.piece = piece
         self.frames: list[memoryview] = []
         self.received = 0
-        self.last_data = time.monotonic()
+        self.last_data = trio.current_time()
         self.error = ""
 
     def put(self, offset: int, payload: memoryview) -> None:
@@ -62,7 +61,7 @@ class Receiver:
             return
         self.frames.append(payload)
         self.received += len(payload)
-        self.last_data = time.monotonic()
+        self.last_data = trio.current_time()
 
     def digest(self) -> str:
         """The SHA-1 of the received bytes (blocking: call it in a worker thread)."""
@@ -122,16 +121,17 @@ class Fetcher:
         if receiver.error:
             raise RequestFailed("bad-data", f"{conn.node_id[:16]}... {receiver.error}")
         if receiver.received != piece.size:
+            stalled = trio.current_time() - receiver.last_data >= STALL_SECONDS
             raise Unavailable(
                 f"{conn.node_id[:16]}... sent {receiver.received} of {piece.size} bytes"
-                + (" (stalled)" if time.monotonic() - receiver.last_data >= STALL_SECONDS else "")
+                + (" (stalled)" if stalled else "")
             )
         return receiver
 
     async def _watch_stall(self, receiver: Receiver, scope: trio.CancelScope) -> None:
         while True:
             await trio.sleep(STALL_SECONDS / 3)
-            if time.monotonic() - receiver.last_data >= STALL_SECONDS:
+            if trio.current_time() - receiver.last_data >= STALL_SECONDS:
                 scope.cancel()
                 return
 

@@ -13,7 +13,6 @@ Non-goal: fetching bytes (fetching.py).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -94,7 +93,8 @@ class Finder:
         """
         self.check_may_request()
         cached = self._cache.get(sha1)
-        if cached is not None and not refresh and time.monotonic() - cached[0] < FIND_CACHE_SECONDS:
+        fresh = cached is not None and trio.current_time() - cached[0] < FIND_CACHE_SECONDS
+        if cached is not None and fresh and not refresh:
             found = cached[1]
         else:
             found = await self._ask_all(sha1)
@@ -112,7 +112,7 @@ class Finder:
 
     def _remember_find(self, sha1: str, found: list[Provider]) -> None:
         """Cache a find; expired entries go first, then the oldest beyond MAX_FIND_CACHE."""
-        now = time.monotonic()
+        now = trio.current_time()
         cache = self._cache
         cache.pop(sha1, None)
         cache[sha1] = (now, found)  # insertion order is age order

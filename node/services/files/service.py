@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,10 +74,10 @@ class TokenBucket:
     def __init__(self, rate: float) -> None:
         self.rate = rate
         self._tokens = rate / 10
-        self._stamp = time.monotonic()
+        self._stamp = trio.current_time()
 
     async def take(self, n: int) -> None:
-        now = time.monotonic()
+        now = trio.current_time()
         self._tokens = min(self.rate / 10, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
         self._tokens -= n
