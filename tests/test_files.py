@@ -8,21 +8,30 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
+import trio.testing
 
 from kachery.node.daemon.node import Node
 from kachery.node.errors import NotPermitted, Unavailable
 from kachery.node.localapi.methods import StreamResult
 from kachery.node.services.files.disk import PartialFile, read_blocks
+from kachery.node.services.files.finding import (
+    FIND_CACHE_SECONDS,
+    MAX_FIND_CACHE,
+    Finder,
+    Provider,
+)
 from kachery.node.services.files.service import FileService, check_range
+from kachery.node.services.host import Host
 from kachery.protocol import FileURI, parse_file_uri
 from kachery.protocol.channel import Role
 from kachery.protocol.errors import InvalidInput
 from kachery.protocol.files import DATA_FRAME_BYTES, FindFile, frame_sizes
 from kachery.protocol.messages import DocRequest
+from kachery.protocol.penalties import PenaltyBox
 from kachery.protocol.session import DataReceived
 from kachery.storage import NotFound, StoreFull
 from kachery.storage.downloads import Downloads
@@ -556,3 +565,19 @@ def test_a_filesystem_that_refuses_o_direct_midway_gets_page_cache_writes(
     finally:
         partial.close()
     assert target.read_bytes() == data
+
+
+async def test_the_find_cache_is_bounded_and_forgets_old_answers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Finds are cached per file hash, which peers' answers and users' URIs choose: at most
+    MAX_FIND_CACHE at once, and none past FIND_CACHE_SECONDS (on Trio's clock)."""
+    finder = Finder(cast(Host, None), PenaltyBox())  # caching needs no node
+    found = [Provider("a" * 64, "c" * 64, 1, None)]
+    for i in range(MAX_FIND_CACHE + 100):
+        finder._remember_find(f"{i:040x}", found)
+    assert len(finder._cache) == MAX_FIND_CACHE
+    assert f"{0:040x}" not in finder._cache  # the oldest went first
+    await trio.sleep(FIND_CACHE_SECONDS + 1)
+    finder._remember_find("f" * 40, found)
+    assert list(finder._cache) == ["f" * 40]

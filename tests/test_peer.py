@@ -21,6 +21,7 @@ from kachery.node.daemon.boundary import PeerFaults, PerPeerSlots
 from kachery.node.daemon.peer import (
     CONTROL_QUEUE_BYTES,
     KEEPALIVE_TIMEOUT,
+    MAX_CONCURRENT_MESSAGES,
     PeerConnection,
     RequestFailed,
     handshake_as_initiator,
@@ -52,6 +53,8 @@ class Handlers:
     fault: Callable[[], BaseException] | None = None
     where: str = ""
     messages: list[Message] = field(default_factory=list)
+    stall_messages: bool = False
+    """Never finish acting on a one-way message (each holds its slot)."""
 
     def _maybe_raise(self, where: str) -> None:
         if self.fault is not None and self.where == where:
@@ -69,6 +72,8 @@ class Handlers:
     async def handle_message(self, conn: PeerConnection, msg: Message) -> None:
         self._maybe_raise("message")
         self.messages.append(msg)
+        if self.stall_messages:
+            await trio.sleep_forever()
 
     async def handle_data(self, conn: PeerConnection, event: DataReceived) -> None:
         self._maybe_raise("data")
@@ -190,6 +195,21 @@ async def test_a_silent_peer_is_dropped_after_the_keepalive_timeout(
             await victim.closed.wait()
         assert victim.close_reason == "keepalive timeout"
         assert KEEPALIVE_TIMEOUT <= trio.current_time() - started <= KEEPALIVE_TIMEOUT * 2
+        assert faults.contained == 0
+
+
+async def test_one_way_messages_in_hand_are_bounded_and_the_rest_dropped() -> None:
+    """A peer floods one-way messages that never finish: at most MAX_CONCURRENT_MESSAGES are in
+    hand at once (one task each), the rest are dropped and counted, and the session goes on."""
+    handlers = Handlers(stall_messages=True)
+    async with sessions(handlers) as (victim, peer, _link, faults):
+        sent = MAX_CONCURRENT_MESSAGES * 4
+        for version in range(sent):
+            await peer.send(DocAnnounce(channel=CHANNEL, version=version))
+        await until(lambda: len(handlers.messages) + victim.messages_dropped == sent)
+        assert len(handlers.messages) == MAX_CONCURRENT_MESSAGES
+        assert victim.statistics()["messagesDropped"] == sent - MAX_CONCURRENT_MESSAGES
+        assert not victim.closed.is_set()
         assert faults.contained == 0
 
 
