@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import statistics
 import subprocess
@@ -24,6 +25,7 @@ import time
 
 import trio
 
+from kachery.node.daemon.boundary import PeerFaults
 from kachery.node.daemon.peer import handshake_as_initiator, handshake_as_responder
 from kachery.node.daemon.process import tune_malloc
 from kachery.node.daemon.transport import Link, LinkClosed, dial, listen
@@ -56,7 +58,8 @@ async def serve(mode: str, direction: str, size: int) -> None:
         await transfer(link, session, payload, size, send=direction == "s2c")
 
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(listen, handler, "127.0.0.1", 0)
+        start = functools.partial(listen, handler, "127.0.0.1", 0, faults=PeerFaults())
+        port = await nursery.start(start)
         print(port, flush=True)
 
 
