@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from unittest.mock import ANY
 
 import pytest
@@ -30,12 +30,16 @@ from kachery.node.errors import NotPermitted
 from kachery.node.localapi.methods import StreamResult
 from kachery.node.services.files.service import FileService
 from kachery.node.services.tasks import requester as tasks_module
+from kachery.node.services.tasks.directory import ProviderDirectory
 from kachery.node.services.tasks.requests import Request
 from kachery.node.services.tasks.service import TaskService
+from kachery.protocol.channel import Role
 from kachery.protocol.errors import InvalidInput
 from kachery.protocol.kachery_json import task_hash
+from kachery.protocol.task_jobs import JobBook
 from kachery.protocol.tasks import (
     INLINE_RESULT_BYTES,
+    TaskProviders,
     TaskRequest,
     TaskSpec,
     TaskStatus,
@@ -986,3 +990,33 @@ async def test_a_worker_reports_several_jobs_in_one_call_each_checked(tmp_path: 
             (answer,) = await service.workers.task_backend_reports(backend_id, [reports[1]])
             assert answer == {"jobId": jobs[1]["jobId"], "status": "finished"}
             assert (await finished(two)).result_data == b"4"
+
+
+async def test_an_announcement_on_a_duplicate_session_does_not_replace_the_current_ones() -> None:
+    """Two sessions with one peer for a moment (both dialed): what the one on its way out
+    announces is ignored, so closing it cannot take the peer's functions with it."""
+
+    class Membership:
+        def roles_of(self, channel: str, node_id: str) -> frozenset[Role]:
+            return frozenset({Role.PROVIDE_TASKS})
+
+    class Conn:
+        def __init__(self) -> None:
+            self.node_id, self.channels, self.closed = "b" * 64, {"c" * 64}, trio.Event()
+
+    class Host:
+        node_id, membership = "a" * 64, Membership()
+
+        def __init__(self) -> None:
+            self.connections: dict[str, Any] = {}
+
+        def notify(self) -> None:
+            pass
+
+    host, staying, leaving = Host(), Conn(), Conn()
+    host.connections[staying.node_id] = staying
+    directory = ProviderDirectory(cast(Any, host), JobBook(), lambda: None)
+    announce = TaskProviders(channel="c" * 64, generation=1, functions={"f.v1": "pure-calculation"})
+    await directory.on_providers(cast(Any, staying), announce)
+    await directory.on_providers(cast(Any, leaving), replace(announce, functions={}))
+    assert [c.node_id for c in directory.candidates("f.v1", ["c" * 64])] == [staying.node_id]

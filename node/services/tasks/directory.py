@@ -109,6 +109,11 @@ class ProviderDirectory:
     async def on_providers(self, conn: PeerConnection, msg: TaskProviders) -> None:
         if msg.channel not in conn.channels:
             return
+        if self.node.connections.get(conn.node_id) is not conn:
+            # A duplicate session on its way out: what it says would replace what the session
+            # that stays said, and be forgotten when it closes, while the peer, having told the
+            # session that stays, would never say it again.
+            return
         if not has_role(self.node, msg.channel, conn.node_id, Role.PROVIDE_TASKS) and msg.functions:
             log.debug("ignored task functions from %s...: it lacks provideTasks", conn.node_id[:16])
             return
