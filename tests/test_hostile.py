@@ -42,7 +42,7 @@ from kachery.protocol.messages import (
 from kachery.protocol.session import PROTOCOL, Claim, MessageReceived, Session
 from kachery.protocol.tasks import TaskLookup
 
-from .swarm import WAIT, Swarm, channel_of, control, swarm, wait
+from .swarm import WAIT, Swarm, channel_of, control, swarm, until, wait
 from .test_files import files_of, store_random
 
 
@@ -274,6 +274,8 @@ async def test_a_fault_injected_into_a_real_nodes_handlers_ends_only_that_sessio
             prune = FeedPrune(channel=channel, feed_id="3" * 64, subfeed_hash="4" * 40)
             await link.send(session.send_message(prune))
             await closed_by_peer(link, session)
+        # the close reaches the link as the session unwinds; the boundary counts it just after
+        await until(lambda: victim.faults.contained > before)
         assert victim.faults.contained == before + 1
         assert victim.faults.kinds["RuntimeError"] >= 1
         await honest_load(victim, member, tmp_path)
