@@ -22,6 +22,7 @@ from kachery.node.daemon.peer import (
     CONTROL_QUEUE_BYTES,
     KEEPALIVE_TIMEOUT,
     MAX_CONCURRENT_MESSAGES,
+    QUEUED_ENTRY_BYTES,
     PeerConnection,
     RequestFailed,
     handshake_as_initiator,
@@ -211,6 +212,23 @@ async def test_one_way_messages_in_hand_are_bounded_and_the_rest_dropped() -> No
         assert len(handlers.messages) == MAX_CONCURRENT_MESSAGES
         assert victim.statistics()["messagesDropped"] == sent - MAX_CONCURRENT_MESSAGES
         assert not victim.closed.is_set()
+        assert faults.contained == 0
+
+
+async def test_a_burst_of_gossip_from_one_task_does_not_end_the_senders_session() -> None:
+    """1,000 one-way messages queued without a yield (one per subfeed of a flush, say) wait
+    for the writer: the queue is bounded by bytes, not by count, so the sender keeps its
+    session, and the receiver hears each one or counts it dropped."""
+    handlers = Handlers()
+    async with sessions(handlers) as (victim, peer, _link, faults):
+        sent = 1000
+        for version in range(sent):
+            await peer.send_quietly(DocAnnounce(channel=CHANNEL, version=version))
+        assert peer.statistics()["controlQueuedBytes"] >= sent * QUEUED_ENTRY_BYTES
+        await until(lambda: len(handlers.messages) + victim.messages_dropped == sent)
+        assert not peer.closed.is_set()
+        assert not victim.closed.is_set()
+        assert peer.statistics()["controlQueuedBytes"] == 0
         assert faults.contained == 0
 
 

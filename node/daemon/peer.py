@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -75,8 +76,11 @@ MAX_CONCURRENT_MESSAGES = 64
 recovers what is lost (heads are announced again, ranges are pulled), and a peer that floods
 cannot make this node hold one task per message."""
 
-CONTROL_QUEUE = 256
-"""Control messages waiting to be sent (gossip, requests, replies)."""
+QUEUED_ENTRY_BYTES = 64
+"""What one queued control message costs beyond its bytes (the bytes object and its slot in the
+queue), counted against CONTROL_QUEUE_BYTES: the bound holds for memory, however small the
+messages. There is no bound by count: a burst of gossip (one message per subfeed, say) from one
+task must not end the session because the writer had no turn yet."""
 
 CONTROL_QUEUE_BYTES = 16 * 1024 * 1024
 """Bytes of control messages waiting to be sent to one peer. A reply waits for room, keeping its
@@ -277,7 +281,7 @@ class PeerConnection:
         self.close_reason = ""
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
-        self._control_send, self._control_recv = trio.open_memory_channel[bytes](CONTROL_QUEUE)
+        self._control_send, self._control_recv = trio.open_memory_channel[bytes](math.inf)
         self._queued_bytes = 0
         self._room = trio.lowlevel.ParkingLot()
         self._bulk_send, self._bulk_recv = trio.open_memory_channel[
@@ -441,7 +445,7 @@ class PeerConnection:
             except trio.WouldBlock:
                 pass
             else:
-                self._queued_bytes -= len(plaintext)
+                self._queued_bytes -= len(plaintext) + QUEUED_ENTRY_BYTES
                 self._room.unpark_all()
                 await self._send_frame(self._seal(self.session.send_plaintext, plaintext))
                 continue
@@ -503,30 +507,25 @@ class PeerConnection:
     # -- sending -------------------------------------------------------------------------------
 
     def _queue_control(self, msg: Message) -> None:
-        """Queue ``msg`` now; a peer that lets twice CONTROL_QUEUE_BYTES (or CONTROL_QUEUE
-        messages) pile up is not reading, and its session ends (dropping would lose replies)."""
+        """Queue ``msg`` now; a peer that lets twice CONTROL_QUEUE_BYTES pile up is not reading,
+        and its session ends (dropping would lose replies)."""
         plaintext = message_plaintext(msg)
-        if self._queued_bytes and self._queued_bytes + len(plaintext) > 2 * CONTROL_QUEUE_BYTES:
+        cost = len(plaintext) + QUEUED_ENTRY_BYTES
+        if self._queued_bytes and self._queued_bytes + cost > 2 * CONTROL_QUEUE_BYTES:
             self._end(CloseCode.GOING_AWAY, f"peer is not reading ({self._queued_bytes} B queued)")
             return
         try:
             self._control_send.send_nowait(plaintext)
-        except trio.WouldBlock:
-            self._end(CloseCode.GOING_AWAY, f"peer is not reading ({CONTROL_QUEUE} queued)")
-            return
         except trio.ClosedResourceError:
             return
-        self._queued_bytes += len(plaintext)
+        self._queued_bytes += cost
         self._work.set()
 
     async def _queue_reply(self, reply: Message) -> None:
         """Queue a reply once the control queue has room for it (see CONTROL_QUEUE_BYTES)."""
-        size = len(message_plaintext(reply))
+        cost = len(message_plaintext(reply)) + QUEUED_ENTRY_BYTES
         with trio.move_on_after(REQUEST_TIMEOUT) as waited:
-            while self._queued_bytes and (
-                self._queued_bytes + size > CONTROL_QUEUE_BYTES
-                or self._control_send.statistics().current_buffer_used >= CONTROL_QUEUE
-            ):
+            while self._queued_bytes and self._queued_bytes + cost > CONTROL_QUEUE_BYTES:
                 await self._room.park()
         if waited.cancelled_caught:
             self._end(CloseCode.GOING_AWAY, "peer is not reading (a reply waited for room)")
