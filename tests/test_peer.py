@@ -223,7 +223,7 @@ async def test_a_burst_of_gossip_from_one_task_does_not_end_the_senders_session(
     async with sessions(handlers) as (victim, peer, _link, faults):
         sent = 1000
         for version in range(sent):
-            await peer.send_quietly(DocAnnounce(channel=CHANNEL, version=version))
+            peer.send_quietly(DocAnnounce(channel=CHANNEL, version=version))
         assert peer.statistics()["controlQueuedBytes"] >= sent * QUEUED_ENTRY_BYTES
         await until(lambda: len(handlers.messages) + victim.messages_dropped == sent)
         assert not peer.closed.is_set()

@@ -681,9 +681,9 @@ async def test_a_silent_provider_loses_its_lease_and_the_next_one_runs_the_task(
 
         send_quietly = PeerConnection.send_quietly
 
-        async def lose_status(conn: PeerConnection, msg: Any) -> None:  # p1's news is lost
+        def lose_status(conn: PeerConnection, msg: Any) -> None:  # p1's news is lost
             if not (isinstance(msg, TaskStatusBatch) and conn in p1.connections.values()):
-                await send_quietly(conn, msg)
+                send_quietly(conn, msg)
 
         monkeypatch.setattr(PeerConnection, "send_quietly", lose_status)
         req = await request(requester, "inc.v1", {"x": x})

@@ -163,7 +163,7 @@ class NodeControl:
         channel = self.node.membership.resolve(name)
         for conn in list(self.node.connections.values()):
             if channel in conn.channels:
-                await conn.send_quietly(ChannelLeave(channel=channel))
+                conn.send_quietly(ChannelLeave(channel=channel))
         await self.node.membership.leave(name)
         return {"channelId": channel}
 

@@ -214,7 +214,7 @@ class Node:
             self.address_book.refresh(self.addresses)
             for conn in list(self.connections.values()):
                 for channel in conn.channels:
-                    await conn.send_quietly(self._announce_message(channel, only_self=True))
+                    conn.send_quietly(self._announce_message(channel, only_self=True))
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -475,9 +475,9 @@ class Node:
     async def _greet(self, conn: PeerConnection) -> None:
         await self.run_sync(self.home.channels.mark_connected, conn.node_id)
         for channel in sorted(conn.channels):
-            await conn.send_quietly(self._announce_message(channel))
+            conn.send_quietly(self._announce_message(channel))
             history = self.membership.history(channel)
-            await conn.send_quietly(DocAnnounce(channel=channel, version=history.version))
+            conn.send_quietly(DocAnnounce(channel=channel, version=history.version))
 
     # -- dialing -------------------------------------------------------------------------------
 
@@ -627,7 +627,7 @@ class Node:
             before = set(conn.channels)
             after = self.membership.shared_channels(conn.node_id)
             if push is not None and (channel in before or channel in after):
-                await conn.send_quietly(push)  # removed members learn it too
+                conn.send_quietly(push)  # removed members learn it too
             conn.channels = after
             if not after:
                 label = self.membership.name_of(channel)
@@ -637,7 +637,7 @@ class Node:
                     f"no longer a member of a shared channel ({label})",
                 )
             elif channel in after and channel not in before:
-                await conn.send_quietly(self._announce_message(channel))
+                conn.send_quietly(self._announce_message(channel))
         self.notify()
         self._wake_dialer.ring()
 
@@ -658,7 +658,7 @@ class Node:
         relay = PeerAnnounce(channel=msg.channel, announcements=[a.to_wire() for a in fresh])
         for other in list(self.connections.values()):
             if other is not conn and msg.channel in other.channels:
-                await other.send_quietly(relay)
+                other.send_quietly(relay)
         self.notify()
         self._wake_dialer.ring()
 

@@ -538,9 +538,9 @@ class PeerConnection:
             raise Unavailable(f"the session with {self.node_id[:16]}... is closed")
         self._queue_control(msg)
 
-    async def send_quietly(self, msg: Message) -> None:
-        """Send a one-way message if the session is still open (gossip: a closed session needs
-        no news)."""
+    def send_quietly(self, msg: Message) -> None:
+        """Queue a one-way message if the session is still open (gossip: a closed session needs
+        no news). It never waits, so gossip to many peers costs no task per message."""
         if not self.closed.is_set():
             self._queue_control(msg)
 

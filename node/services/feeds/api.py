@@ -27,7 +27,6 @@ from kachery.node.services.feeds.live import (
     name_of,
     names,
     record_json,
-    send,
 )
 from kachery.protocol.errors import InvalidInput, KacheryError
 from kachery.protocol.feed_messages import FeedSubmit, FeedSubmitResponse, FeedUnsubscribe
@@ -151,9 +150,7 @@ class FeedAPI:
             for peer, view in list(live.gossip.peers.items()):
                 conn = self.node.connections.get(peer)
                 if conn is not None and view.source:
-                    send(
-                        self.node,
-                        conn,
+                    conn.send_quietly(
                         FeedUnsubscribe(
                             channel=view.channel,
                             **names(live.ref),
@@ -300,9 +297,7 @@ class FeedAPI:
                 if view.channel in gone and view.source:
                     conn = self.node.connections.get(peer)
                     if conn is not None:
-                        send(
-                            self.node,
-                            conn,
+                        conn.send_quietly(
                             FeedUnsubscribe(
                                 channel=view.channel,
                                 **names(ref),

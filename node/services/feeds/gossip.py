@@ -27,7 +27,7 @@ import trio
 from kachery.node.changes import Doorbell
 from kachery.node.daemon.peer import PeerConnection
 from kachery.node.errors import NotPermitted
-from kachery.node.services.feeds.live import FeedStats, LiveSubfeed, chunks, names, send, size_of
+from kachery.node.services.feeds.live import FeedStats, LiveSubfeed, chunks, names, size_of
 from kachery.node.services.feeds.receiver import Receiver
 from kachery.node.services.host import Host
 from kachery.protocol.channel import Role
@@ -125,9 +125,7 @@ class Replicator:
             for start, chunk in chunks(push.start, items):
                 end = start + len(chunk)
                 cps = [c.to_wire() for c in live.checkpoints if start < c.count <= end]
-                send(
-                    self.node,
-                    conn,
+                conn.send_quietly(
                     FeedPush(
                         channel=push.channel,
                         **names(ref),
@@ -140,9 +138,7 @@ class Replicator:
         for have in plan.haves:
             conn = self.node.connections.get(have.peer)
             if conn is not None:
-                send(
-                    self.node,
-                    conn,
+                conn.send_quietly(
                     FeedHave(
                         channel=have.channel,
                         **names(ref),
@@ -181,7 +177,7 @@ class Replicator:
                 live.gossip.gone(pull.peer)
                 return
             if pull.graft:
-                send(self.node, conn, FeedGraft(channel=pull.channel, **names(live.ref)))
+                conn.send_quietly(FeedGraft(channel=pull.channel, **names(live.ref)))
             await self._fetch_range(live, conn, pull)
         finally:
             live.pulling = False

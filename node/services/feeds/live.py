@@ -20,13 +20,10 @@ from typing import Any
 import trio
 
 from kachery.node.changes import Changes
-from kachery.node.daemon.peer import PeerConnection
-from kachery.node.services.host import Host
 from kachery.protocol.feed_gossip import SubfeedGossip
 from kachery.protocol.feed_messages import MAX_BATCH_BYTES, MAX_BATCH_MESSAGES
 from kachery.protocol.feeds import Checkpoint, FeedSigner, Head, SubfeedRef, decode_record
 from kachery.protocol.kachery_json import JSONValue
-from kachery.protocol.messages import Message
 
 RECENT_MESSAGES = 4096
 """Newest messages of a subfeed kept in memory (pushes, duplicate checks, live reads)..."""
@@ -134,12 +131,6 @@ class FeedStats:
     commits: int = 0
     inline_writes: int = 0
     thread_writes: int = 0
-
-
-def send(node: Host, conn: PeerConnection | None, msg: Message) -> None:
-    """Send a gossip message in the background, if the session is still open."""
-    if conn is not None and not conn.closed.is_set():
-        node.spawn(conn.send_quietly, msg)
 
 
 def chunks(

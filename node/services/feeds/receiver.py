@@ -24,7 +24,7 @@ import trio
 
 from kachery.node.changes import Doorbell
 from kachery.node.errors import Unavailable
-from kachery.node.services.feeds.live import FeedStats, LiveSubfeed, names, send, split
+from kachery.node.services.feeds.live import FeedStats, LiveSubfeed, names, split
 from kachery.node.services.feeds.writer import GroupCommit, Write
 from kachery.node.services.host import Host
 from kachery.protocol.errors import CloseCode, KacheryError
@@ -109,12 +109,9 @@ class Receiver:
                 return
             new, new_start = items[known:], start + known
             if not new:
-                if pushed:
-                    send(
-                        self.node,
-                        self.node.connections.get(peer),
-                        FeedPrune(channel=channel, **names(live.ref)),
-                    )
+                conn = self.node.connections.get(peer)
+                if pushed and conn is not None:
+                    conn.send_quietly(FeedPrune(channel=channel, **names(live.ref)))
                 return
             if live.signer is not None:
                 # Only this node extends a feed it owns; a validly signed message from elsewhere

@@ -136,7 +136,7 @@ class Fetcher:
                 return
 
     async def _send_cancel(self, conn: PeerConnection, stream: int) -> None:
-        await conn.send_quietly(CancelData(stream=stream))
+        conn.send_quietly(CancelData(stream=stream))
 
     def penalise(self, node_id: str, reason: str) -> None:
         """An offence: ``node_id`` sent bytes that are provably not what was asked for."""

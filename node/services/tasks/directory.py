@@ -95,7 +95,7 @@ class ProviderDirectory:
                 msg = TaskProviders(
                     channel=channel, generation=self.book.generation, functions=functions
                 )
-                await conn.send_quietly(msg)
+                conn.send_quietly(msg)
 
     def _forget_closed(self) -> None:
         live = set(self.node.connections.values())

@@ -319,7 +319,7 @@ class TaskProvider:
                             lease_ms=self.lease_ms,
                             updates=wires[at : at + MAX_UPDATES_PER_MESSAGE],
                         )
-                        await conn.send_quietly(batch)
+                        conn.send_quietly(batch)
 
     async def renew_leases(self) -> None:
         """Every third of the lease, re-send the state of every job still queued or running."""

@@ -319,7 +319,7 @@ class TaskRequester:
             self.provider.book.leave(self.node.node_id, req.spec.request_id)
             return
         msg = TaskCancel(channel=attempt.candidate.channel, request_id=req.spec.request_id)
-        self.node.spawn(attempt.conn.send_quietly, msg)
+        attempt.conn.send_quietly(msg)
 
     async def _drive(self, req: Request) -> None:
         spec = req.spec
