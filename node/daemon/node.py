@@ -533,7 +533,7 @@ class Node:
         request_id = getattr(msg, "id", 0)
         channel = getattr(msg, "channel", None)
         route = self.routes.get(msg.TYPE)
-        if route is None or not route.request:
+        if route is None or msg.REPLY_TYPE is None:
             return ErrorReply(
                 id=request_id,
                 code=ErrorCode.UNSUPPORTED,
@@ -563,7 +563,7 @@ class Node:
 
     async def handle_message(self, conn: PeerConnection, msg: Message) -> None:
         route = self.routes.get(msg.TYPE)
-        if route is None or route.request:
+        if route is None or msg.REPLY_TYPE is not None:
             return  # a type this node does not serve, or a request sent without an ID
         if route.role is not None:
             channel = getattr(msg, "channel", None)

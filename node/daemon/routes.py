@@ -47,12 +47,13 @@ class Route:
     Attributes:
         handler: answers the request (returns its reply) or acts on the one-way message.
         role: the role the sender needs in the message's channel (None: membership suffices).
-        request: the message is a request, answered with a reply or an ``ErrorReply``.
+
+    Whether it is a request (answered with a reply or an ``ErrorReply``) is the message class's
+    own: a request names its reply type (``Message.REPLY_TYPE``).
     """
 
     handler: RequestHandler | MessageHandler
     role: Role | None
-    request: bool
 
 
 class MembershipHandlers(Protocol):
@@ -72,33 +73,32 @@ def peer_routes(node: MembershipHandlers, services: Services) -> dict[MsgType, R
     """The table: every message type a node serves."""
     files, tasks = services.files, services.tasks
     feeds, gossip = services.feeds, services.feeds.replicator
-    ask, tell = True, False
     return {
         # membership (node/daemon/node.py)
-        MsgType.DOC_REQUEST: Route(node.on_doc_request, None, ask),
-        MsgType.PEER_LIST_REQUEST: Route(node.on_peer_list_request, None, ask),
-        MsgType.DOC_PUSH: Route(node.on_doc_push, None, tell),
-        MsgType.DOC_ANNOUNCE: Route(node.on_doc_announce, None, tell),
-        MsgType.PEER_ANNOUNCE: Route(node.on_peer_announce, None, tell),
-        MsgType.CHANNEL_LEAVE: Route(node.on_channel_leave, None, tell),
+        MsgType.DOC_REQUEST: Route(node.on_doc_request, None),
+        MsgType.PEER_LIST_REQUEST: Route(node.on_peer_list_request, None),
+        MsgType.DOC_PUSH: Route(node.on_doc_push, None),
+        MsgType.DOC_ANNOUNCE: Route(node.on_doc_announce, None),
+        MsgType.PEER_ANNOUNCE: Route(node.on_peer_announce, None),
+        MsgType.CHANNEL_LEAVE: Route(node.on_channel_leave, None),
         # files (node/services/files/); data frames go to files.fetcher.on_data
-        MsgType.FIND_FILE: Route(files.on_find, Role.REQUEST_FILES, ask),
-        MsgType.GET_DATA: Route(files.on_get_data, Role.REQUEST_FILES, ask),
-        MsgType.CANCEL_DATA: Route(files.on_cancel, None, tell),
+        MsgType.FIND_FILE: Route(files.on_find, Role.REQUEST_FILES),
+        MsgType.GET_DATA: Route(files.on_get_data, Role.REQUEST_FILES),
+        MsgType.CANCEL_DATA: Route(files.on_cancel, None),
         # feeds (node/services/feeds/: gossip.py, and service.py for submissions)
-        MsgType.FEED_SUBSCRIBE: Route(gossip.on_subscribe, Role.REQUEST_FEEDS, ask),
-        MsgType.FEED_GET: Route(gossip.on_get, Role.REQUEST_FEEDS, ask),
-        MsgType.FEED_SUBMIT: Route(feeds.on_submit, Role.REQUEST_FEEDS, ask),
-        MsgType.FEED_HAVE: Route(gossip.on_have, Role.PROVIDE_FEEDS, tell),
-        MsgType.FEED_PUSH: Route(gossip.on_push, Role.PROVIDE_FEEDS, tell),
-        MsgType.FEED_UNSUBSCRIBE: Route(gossip.on_unsubscribe, None, tell),
-        MsgType.FEED_PRUNE: Route(gossip.on_prune, Role.REQUEST_FEEDS, tell),
-        MsgType.FEED_GRAFT: Route(gossip.on_graft, Role.REQUEST_FEEDS, tell),
+        MsgType.FEED_SUBSCRIBE: Route(gossip.on_subscribe, Role.REQUEST_FEEDS),
+        MsgType.FEED_GET: Route(gossip.on_get, Role.REQUEST_FEEDS),
+        MsgType.FEED_SUBMIT: Route(feeds.on_submit, Role.REQUEST_FEEDS),
+        MsgType.FEED_HAVE: Route(gossip.on_have, Role.PROVIDE_FEEDS),
+        MsgType.FEED_PUSH: Route(gossip.on_push, Role.PROVIDE_FEEDS),
+        MsgType.FEED_UNSUBSCRIBE: Route(gossip.on_unsubscribe, None),
+        MsgType.FEED_PRUNE: Route(gossip.on_prune, Role.REQUEST_FEEDS),
+        MsgType.FEED_GRAFT: Route(gossip.on_graft, Role.REQUEST_FEEDS),
         # tasks (node/services/tasks/); an announcement of functions needs provideTasks, an
         # empty one (withdrawing them) does not: that check is the handler's
-        MsgType.TASK_REQUEST: Route(tasks.provider.on_task_request, Role.REQUEST_TASKS, ask),
-        MsgType.TASK_LOOKUP: Route(tasks.provider.on_lookup, Role.REQUEST_TASKS, ask),
-        MsgType.TASK_STATUS: Route(tasks.requester.on_status_batch, None, tell),
-        MsgType.TASK_PROVIDERS: Route(tasks.directory.on_providers, None, tell),
-        MsgType.TASK_CANCEL: Route(tasks.provider.on_cancel, None, tell),
+        MsgType.TASK_REQUEST: Route(tasks.provider.on_task_request, Role.REQUEST_TASKS),
+        MsgType.TASK_LOOKUP: Route(tasks.provider.on_lookup, Role.REQUEST_TASKS),
+        MsgType.TASK_STATUS: Route(tasks.requester.on_status_batch, None),
+        MsgType.TASK_PROVIDERS: Route(tasks.directory.on_providers, None),
+        MsgType.TASK_CANCEL: Route(tasks.provider.on_cancel, None),
     }
