@@ -309,18 +309,28 @@ class Replicator:
 
     # -- peer messages -------------------------------------------------------------------------
 
-    def _require_provider(self, channel: str) -> None:
-        if Role.PROVIDE_FEEDS not in self.node.membership.roles_of(channel, self.node.node_id):
-            name = self.node.membership.name_of(channel)
+    async def _served(self, conn: PeerConnection, msg: FeedSubscribe | FeedGet) -> LiveSubfeed:
+        """The subfeed a peer asks to follow or read, if this node serves it to that peer."""
+        if Role.PROVIDE_FEEDS not in self.node.membership.roles_of(msg.channel, self.node.node_id):
+            name = self.node.membership.name_of(msg.channel)
             raise NotPermitted(f"this node does not provide feeds in channel {name}")
-
-    async def on_subscribe(self, conn: PeerConnection, msg: FeedSubscribe) -> FeedSubscribeResponse:
-        self._require_provider(msg.channel)
         if self.receiver.banned(conn.node_id):
             raise NotPermitted("this node refuses your feed traffic for now")
         live = await self.held(SubfeedRef(msg.feed_id, msg.subfeed_hash))
         if live is None:
             raise NotFound(f"this node holds no feed {msg.feed_id}")
+        return live
+
+    def _followed(self, conn: PeerConnection, msg: FeedHave | FeedPush) -> LiveSubfeed | None:
+        """The subfeed a peer announces or pushes, if this node follows it and takes the peer's
+        word (the node checked the peer's provideFeeds: routes.py)."""
+        if self.receiver.banned(conn.node_id):
+            return None
+        live = self.live.get((msg.feed_id, msg.subfeed_hash))
+        return live if live is not None and live.followed else None
+
+    async def on_subscribe(self, conn: PeerConnection, msg: FeedSubscribe) -> FeedSubscribeResponse:
+        live = await self._served(conn, msg)
         mesh = live.gossip.subscribed(conn.node_id, msg.channel, msg.count)
         if msg.count < live.head.count:
             self.mark_dirty(live)
@@ -344,12 +354,7 @@ class Replicator:
             live.gossip.unsubscribed(conn.node_id)
 
     async def on_get(self, conn: PeerConnection, msg: FeedGet) -> FeedGetResponse:
-        self._require_provider(msg.channel)
-        if self.receiver.banned(conn.node_id):
-            raise NotPermitted("this node refuses your feed traffic for now")
-        live = await self.held(SubfeedRef(msg.feed_id, msg.subfeed_hash))
-        if live is None:
-            raise NotFound(f"this node holds no feed {msg.feed_id}")
+        live = await self._served(conn, msg)
         count = live.head.count
         start = msg.start
         limit = min(msg.limit, count - start)
@@ -375,24 +380,16 @@ class Replicator:
         )
 
     async def on_have(self, conn: PeerConnection, msg: FeedHave) -> None:
-        if self.receiver.banned(
-            conn.node_id
-        ):  # its provideFeeds was checked by the node (routes.py)
-            return
-        live = self.live.get((msg.feed_id, msg.subfeed_hash))
-        if live is None or not live.followed:
+        live = self._followed(conn, msg)
+        if live is None:
             return
         live.gossip.has(conn.node_id, msg.count)
         if msg.count > live.head.count:
             self.pull_wake.ring()
 
     async def on_push(self, conn: PeerConnection, msg: FeedPush) -> None:
-        if self.receiver.banned(
-            conn.node_id
-        ):  # its provideFeeds was checked by the node (routes.py)
-            return
-        live = self.live.get((msg.feed_id, msg.subfeed_hash))
-        if live is None or not live.followed:
+        live = self._followed(conn, msg)
+        if live is None:
             return
         view = live.gossip.peers.get(conn.node_id)
         if view is not None and view.diverged:
