@@ -12,18 +12,16 @@ Non-goal: gossiping them (node.py relays what is fresh) and dialing (peer_manage
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Iterable
+from typing import Any
 
-from kachery.node.daemon.membership import now_ms
+from kachery.node.daemon.membership import RunSync, now_ms
 from kachery.node.home import NodeHome
 from kachery.protocol.channel import Announcement, MembershipDoc
 from kachery.protocol.errors import RemoteProtocolError
 from kachery.protocol.messages import PeerAnnounce
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 MAX_PER_MESSAGE = 1000
 """Announcements read from one ``PeerAnnounce``; the rest are ignored."""
@@ -32,7 +30,7 @@ MAX_PER_MESSAGE = 1000
 class AddressBook:
     """Address announcements by node ID."""
 
-    def __init__(self, home: NodeHome, run_sync: Callable[..., Awaitable[Any]]) -> None:
+    def __init__(self, home: NodeHome, run_sync: RunSync) -> None:
         self.home = home
         self._run_sync = run_sync
         self.by_node: dict[str, Announcement] = {}

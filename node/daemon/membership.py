@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 
@@ -41,7 +41,6 @@ from kachery.storage.errors import InviteRefused, NotFound
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 RunSync = Callable[..., Awaitable[Any]]
 
 DEFAULT_INVITE_SECONDS = 7 * 24 * 3600
